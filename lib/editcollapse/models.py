@@ -216,6 +216,9 @@ def _load_gguf(spec: ModelSpec):
     except ImportError as e:
         raise ModelLoadError(f"loading {spec.name} from GGUF needs `gguf` and `accelerate`: {e}") from e
     tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    model.hf_quantizer = None  # weights are already dequantized float32: save them as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.replace(cached)  # atomic: a killed conversion never leaves a half-written cache

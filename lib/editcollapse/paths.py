@@ -19,6 +19,12 @@ def cache_dir() -> Path:
     return d
 
 
+def in_repo(path: str | Path) -> Path:
+    """A relative path taken from the repository root (notebooks run with notebooks/ as cwd)."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def results_dir() -> Path:
     d = Path(os.environ.get("EDITCOLLAPSE_RESULTS", REPO_ROOT / "results"))
     d.mkdir(parents=True, exist_ok=True)
@@ -26,6 +32,7 @@ def results_dir() -> Path:
 
 
 def figures_dir() -> Path:
-    d = REPO_ROOT / "figures"
+    """`figures/` of the repository (override with EDITCOLLAPSE_FIGURES)."""
+    d = Path(os.environ.get("EDITCOLLAPSE_FIGURES", REPO_ROOT / "figures"))
     d.mkdir(parents=True, exist_ok=True)
     return d

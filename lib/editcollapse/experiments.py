@@ -1,0 +1,145 @@
+"""Experiments as plain functions over (model, editor, cases, store): one row per case, resumable.
+
+- `single_edit_row`: apply one edit to the unedited model, measure edit metrics, ME-PPL
+  perplexity and the update's diagnostics, undo. The Butterfly-Effect paper's single editing
+  (Sec. 4): every edit starts from the original model.
+- `single_edit_sweep`: that row for many cases into a `ResultStore`, skipping cases already
+  done (a killed run restarts where it stopped).
+- `first_token_cases` / `quick_sample`: the cases where collapse is expected ("The Fall of
+  ROME", Sec. 3: the subject is the first token of the prompt) mixed with random ones.
+- `hardcf`: the collapse cases of a sweep in CounterFact format with their perplexity.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data, metrics, perplexity
+from .editors import EditError, EditRequest, get_editor
+from .editors.rome import subject_last_index
+from .models import LoadedModel
+from .paths import in_repo
+from .store import ResultStore, run_cases
+
+ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
+DIAGNOSTIC_SCALARS = ("layer", "numerator_norm", "denominator", "denominator_raw", "delta_norm", "k_u_k_bar_cosine")
+
+
+def subject_is_first_token(lm: LoadedModel, case: dict) -> bool:
+    """True when the subject is one token at the very start of the prompt (after BOS, if any)."""
+    try:
+        tmpl = EditRequest.from_case(case).template()
+        return tmpl.startswith("{}") and subject_last_index(lm, tmpl, case["subject"]) == int(lm.spec.prepend_bos)
+    except EditError:
+        return False
+
+
+def first_token_cases(lm: LoadedModel, cases: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """A seeded sample of `n` cases whose subject is the prompt's first token."""
+    hits = [c for c in cases if subject_is_first_token(lm, c)]
+    return sorted(random.Random(seed).sample(hits, min(n, len(hits))), key=lambda c: c["case_id"])
+
+
+def quick_sample(lm: LoadedModel, dataset: str, n_random: int | None, n_first_token: int = 0,
+                 seed: int = 0) -> list[dict]:
+    """`n_random` random cases plus `n_first_token` first-token cases (no duplicates), by case_id."""
+    everything = data.load_cases(dataset)
+    chosen = {c["case_id"]: c for c in data.load_cases(dataset, n_random, seed)} if n_random != 0 else {}
+    if n_first_token:
+        rest = [c for c in everything if c["case_id"] not in chosen]
+        chosen.update({c["case_id"]: c for c in first_token_cases(lm, rest, n_first_token, seed)})
+    return sorted(chosen.values(), key=lambda c: c["case_id"])
+
+
+def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl_original: float | None = None,
+                    threshold: float = perplexity.COLLAPSE_THRESHOLD) -> dict:
+    """Edit, measure, undo. Returns a flat row; a refused request yields a row with `error` set."""
+    row = dict(case_id=case["case_id"], dataset=case["dataset"], subject=case["subject"], prompt=case["prompt"],
+               target_new=case["target_new"], ground_truth=case["ground_truth"],
+               first_token=subject_is_first_token(lm, case), error=None)
+    t0 = time.perf_counter()
+    try:
+        reference = metrics.locality_reference(lm, case)
+        result = editor.apply(lm, EditRequest.from_case(case))
+    except EditError as e:
+        return dict(row, error=str(e))
+    try:
+        row.update(metrics.edit_metrics(lm, case, reference))
+        if result.test_prefix is not None:
+            pre = metrics.edit_metrics(lm, case, reference, prefix=result.test_prefix)
+            row.update({f"prefixed_{k}": v for k, v in pre.items()})
+        ppl = perplexity.me_ppl(lm, ppl_size, progress=False)
+    finally:
+        result.undo()
+    row.update(ppl=ppl["mean"], ppl_median=ppl["median"], ppl_size=ppl_size,
+               collapsed=bool(perplexity.is_collapsed(ppl["mean"], threshold)),
+               **{k: result.diagnostics[k] for k in DIAGNOSTIC_SCALARS},
+               v_star_steps=len(result.diagnostics["loss_curve"]),
+               v_star_final_loss=result.diagnostics["loss_curve"][-1]["loss"],
+               test_prefix=result.test_prefix, seconds_edit=sum(result.seconds.values()),
+               seconds_total=time.perf_counter() - t0)
+    if ppl_original is not None:
+        row["ppl_ratio"] = ppl["mean"] / ppl_original
+    return row
+
+
+def single_edit_sweep(lm: LoadedModel, editor_name: str, cases: list[dict], store: ResultStore,
+                      experiment: str = "single_edit", ppl_size: int = 50, ppl_original: float | None = None,
+                      editor_kwargs: dict | None = None) -> None:
+    """`single_edit_row` for every case not yet in `store` (tqdm bar with ETA)."""
+    editor = get_editor(editor_name, **(editor_kwargs or {}))
+    ids = dict(experiment=experiment, model=lm.spec.name, editor=editor.name)
+
+    def one(case):
+        return dict(ids, **single_edit_row(lm, editor, case, ppl_size, ppl_original))
+
+    run_cases(store, cases, one, key_of=lambda c: (experiment, lm.spec.name, editor.name, c["dataset"], c["case_id"]),
+              desc=f"{editor.name} on {lm.spec.name}")
+
+
+def results_store(results_dir: str | Path, name: str) -> ResultStore:
+    """The store `<results_dir>/<name>.jsonl` (relative paths start at the repository root)."""
+    return ResultStore(in_repo(results_dir) / f"{name}.jsonl", key=ROW_KEY)
+
+
+def hardcf(rows, path: str | Path | None = None, threshold: float = perplexity.COLLAPSE_THRESHOLD) -> list[dict]:
+    """Collapse cases of a CounterFact sweep (pandas rows) in CounterFact format, with their perplexity."""
+    hard = rows[(rows["dataset"] == "counterfact") & (rows["ppl"] > threshold)].sort_values("ppl", ascending=False)
+    cf = {c["case_id"]: c for c in data.load_counterfact()}
+    out = [dict(cf[int(r.case_id)], model=r.model, editor=r.editor, ppl=float(r.ppl),
+                first_token=bool(r.first_token)) for r in hard.itertuples()]
+    if path is not None:
+        path = in_repo(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (scipy)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(x), np.asarray(y)).statistic)
+
+
+def downstream_rows(lm: LoadedModel, editor_name: str | None, case: dict | None, n: int | None,
+                    seed: int = 0, tasks=None) -> list[dict]:
+    """Downstream scores of the original model (`case` None) or of the model edited on `case`.
+
+    Rows (task, metric, value, n, case_id, status); the edit is undone afterwards.
+    """
+    from . import downstream
+    from .editors import edited
+
+    tasks = tasks or downstream.TASKS
+    if case is None:
+        table = downstream.evaluate_all(lm, tasks=tasks, n=n, seed=seed)
+        return [dict(r, case_id=-1, status="original") for r in table.to_dict("records")]
+    editor = get_editor(editor_name)
+    with edited(lm, EditRequest.from_case(case), editor):
+        table = downstream.evaluate_all(lm, tasks=tasks, n=n, seed=seed)
+    return [dict(r, case_id=case["case_id"], status="edited") for r in table.to_dict("records")]

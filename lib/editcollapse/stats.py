@@ -1,0 +1,294 @@
+"""ROME's key statistics: the uncentred second moment C = E[k kᵀ] of the keys over a corpus.
+
+The key k is the INPUT of the MLP output projection (`spec.mlp_out`: Llama `down_proj`,
+GPT-2 `c_proj`, GPT-J `fc_out`) at one layer, over every token of a text corpus. ROME
+(Meng et al. 2022, Sec. 3.1 and Eq. 2) inserts a fact with the rank-one update
+
+    Δ = (v* − W k*) (C⁻¹ k*)ᵀ / ((C⁻¹ k*)ᵀ k*)
+
+so that directions common in the corpus are changed least; `Moment.inv_apply(k)` gives C⁻¹k
+(the editor uses k itself when `mom2_adjustment` is off). As in ROME's `layer_stats` and
+`SecondMoment`, C = Σ k kᵀ / N is accumulated in float64 over the non-padding positions of
+batches, running each forward pass only up to the layer. Differences from ROME: the corpus is
+the shipped WikiText-2 test set (ROME: ~44M tokens of Wikipedia) read as one token stream cut
+into windows of `seq_len` tokens, in a seeded random order, of which the first `n_tokens`
+positions are used; see docs/stats_convergence.md for how many tokens suffice.
+
+Without a BOS token (SmolLM2, GPT-2, GPT-J) position 0 of every window is an ordinary word
+that carries the first-token anomaly; `skip_first=True` leaves position 0 out of C
+(default off, as in ROME). `first_token_share` measures how much of trace(C) it contributes.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import load_wikitext
+from .models import LoadedModel
+from .nethook import Trace, TraceDict
+from .paths import cache_dir
+
+CORPORA = {"wikitext": load_wikitext}
+DEFAULT_N_TOKENS = 100_000  # evidence: docs/stats_convergence.md
+DEFAULT_SEQ_LEN = 1024  # ROME: texts truncated to GPT-2's 1,024 positions
+DEFAULT_BATCH_TOKENS = 4096
+SEED = 0  # order of the windows
+_RESULT_KEYS = ("count", "d_k", "created")  # metadata that describes the result, not the request
+_TOKENS: dict[tuple[str, str], list[int]] = {}
+
+
+@dataclass
+class Moment:
+    """C = E[k kᵀ] (float64, [d_k, d_k]) with the metadata of its computation (incl. `count`)."""
+
+    C: torch.Tensor
+    meta: dict
+    _chol: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def count(self) -> int:
+        return self.meta["count"]
+
+    def inv_apply(self, k: torch.Tensor) -> torch.Tensor:
+        """x = C⁻¹ k, solving C x = k in float64 with a cached Cholesky factor; k is [d_k] or [m, d_k] (rows).
+
+        Returned in k's dtype and device. Raises ValueError when C is not positive definite.
+        """
+        d = self.C.shape[0]
+        if k.shape[-1] != d or k.dim() > 2:
+            raise ValueError(f"k must be [{d}] or [m, {d}], not {list(k.shape)}")
+        if self._chol is None:
+            L, info = torch.linalg.cholesky_ex(self.C.double())
+            if info:
+                raise ValueError(f"C is not positive definite (leading minor {int(info)} of {d}); it holds "
+                                 f"{self.count} keys of dimension {d}: use more tokens")
+            self._chol = L
+        rhs = k.reshape(-1, d).to(device=self._chol.device, dtype=torch.float64).T
+        return torch.cholesky_solve(rhs, self._chol).T.reshape(k.shape).to(device=k.device, dtype=k.dtype)
+
+
+# ---------------------------------------------------------------- corpus windows
+def resolve_seq_len(lm: LoadedModel, seq_len: int | None) -> int:
+    """`seq_len`, or min(1024, the model's positions) when None; checked against the model."""
+    max_pos = getattr(lm.model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    seq_len = min(DEFAULT_SEQ_LEN, max_pos) if seq_len is None else seq_len
+    if not 2 <= seq_len <= max_pos:
+        raise ValueError(f"seq_len must be in [2, {max_pos}] for {lm.spec.name}, not {seq_len}")
+    return seq_len
+
+
+def corpus_windows(lm: LoadedModel, corpus: str = "wikitext", seq_len: int | None = None,
+                   seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corpus as one token stream (lines joined by newlines) cut into windows, in a seeded random order.
+
+    Each window holds `seq_len` tokens: BOS plus seq_len − 1 corpus tokens for a model that
+    takes BOS, seq_len corpus tokens otherwise; the last one is shorter. Returns ids
+    [W, seq_len] (right-padded with the pad id) and lengths [W].
+    """
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
+    seq_len = resolve_seq_len(lm, seq_len)
+    key = (lm.spec.name, corpus)
+    if key not in _TOKENS:
+        _TOKENS[key] = lm.token_ids("\n".join(CORPORA[corpus]()))[1 if lm.spec.prepend_bos else 0:]
+    bos = [lm.tok.bos_token_id] if lm.spec.prepend_bos else []
+    step = seq_len - len(bos)
+    stream = _TOKENS[key]
+    rows = [torch.tensor(bos + stream[i:i + step]) for i in range(0, len(stream), step)]
+    pad = lm.tok.pad_token_id if lm.tok.pad_token_id is not None else 0
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    lengths = torch.tensor([len(r) for r in rows])
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return ids[order], lengths[order]
+
+
+def take_tokens(ids: torch.Tensor, lengths: torch.Tensor, n_tokens: int | None):
+    """The first `n_tokens` positions of the windows (the last window used is cut short); all when None."""
+    if n_tokens is None:
+        return ids, lengths
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive integer or None, not {n_tokens}")
+    before = lengths.cumsum(0) - lengths
+    keep = int((before < n_tokens).sum())
+    lengths = lengths[:keep].clone()
+    lengths[-1] = min(int(lengths[-1]), n_tokens - int(before[keep - 1]))
+    return ids[:keep], lengths
+
+
+def _batches(lm: LoadedModel, ids: torch.Tensor, lengths: torch.Tensor, batch_tokens: int, desc: str):
+    """Yield (input_ids, attention_mask) batches of batch_tokens // seq_len windows, with a token progress bar."""
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, not {batch_tokens}")
+    per = max(1, batch_tokens // ids.shape[1])
+    with tqdm(total=int(lengths.sum()), unit="tok", unit_scale=True, desc=desc) as bar:
+        for i in range(0, len(ids), per):
+            ln = lengths[i:i + per]
+            width = int(ln.max())
+            mask = torch.arange(width) < ln[:, None]
+            yield ids[i:i + per, :width].to(lm.device), mask.to(lm.device)
+            bar.update(int(ln.sum()))
+
+
+# ---------------------------------------------------------------- accumulation
+def _accumulate(lm: LoadedModel, module: str, ids: torch.Tensor, lengths: torch.Tensor, batch_tokens: int,
+                dtype: torch.dtype, skip_first: bool, marks=()) -> list[tuple[torch.Tensor, int]]:
+    """Σ k kᵀ and the number of keys, over non-padding positions (and not position 0 with skip_first).
+
+    Returns the final (S, count), preceded by a snapshot after the first batch whose count
+    reaches each of `marks` (ascending).
+    """
+    S, count, out, marks = None, 0, [], sorted(marks)
+    for x, mask in _batches(lm, ids, lengths, batch_tokens, desc=f"C = E[kkᵀ] {module}"):
+        with torch.no_grad(), Trace(lm.model, module, retain_input=True, stop=True) as tr:
+            lm.model(input_ids=x, attention_mask=mask.long())
+        if skip_first:
+            mask[:, 0] = False
+        k = tr.input[mask].to(dtype)
+        S = k.T @ k if S is None else S.addmm_(k.T, k)
+        count += len(k)
+        while marks and count >= marks[0]:
+            out.append((S.clone(), count))
+            marks.pop(0)
+    return out + [(S, count)]
+
+
+def _moment(S: torch.Tensor, count: int, meta: dict) -> Moment:
+    C = (S / count).double().cpu()
+    return Moment((C + C.T) / 2, dict(meta, count=count, d_k=C.shape[0]))
+
+
+def _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first) -> dict:
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} out of range for {lm.spec.name} ({lm.n_layers} layers)")
+    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
+        raise ValueError(f"n_tokens must be a positive integer or None, not {n_tokens!r}")
+    return dict(model=lm.spec.name, layer=layer, module=lm.spec.module("mlp_out", layer), corpus=corpus,
+                n_tokens=n_tokens, seq_len=resolve_seq_len(lm, seq_len), dtype=str(dtype).removeprefix("torch."),
+                skip_first=skip_first, seed=SEED, version=importlib.metadata.version("editcollapse"))
+
+
+def cache_path(meta: dict) -> Path:
+    """cache_dir()/stats/<model>/<module>_<corpus>_n<N|all>_T<seq_len>_<dtype>[_skip0].safetensors"""
+    name = (f"{meta['module']}_{meta['corpus']}_n{meta['n_tokens'] or 'all'}_T{meta['seq_len']}_{meta['dtype']}"
+            f"{'_skip0' if meta['skip_first'] else ''}.safetensors")
+    return cache_dir() / "stats" / meta["model"] / name
+
+
+def _load(path: Path, request: dict) -> Moment | None:
+    sidecar = path.with_suffix(".json")
+    if not (path.exists() and sidecar.exists()):
+        return None
+    meta = json.loads(sidecar.read_text())
+    if {k: v for k, v in meta.items() if k not in _RESULT_KEYS} != request:
+        return None
+    return Moment(load_file(path)["C"], meta)
+
+
+def _save(path: Path, m: Moment) -> None:
+    """Write the tensor, then its JSON sidecar, each to a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({"C": m.C.contiguous()}, tmp)
+    os.replace(tmp, path)
+    tmp.write_text(json.dumps(m.meta, indent=1))
+    os.replace(tmp, path.with_suffix(".json"))
+
+
+def second_moment(lm: LoadedModel, layer: int, n_tokens: int | None = DEFAULT_N_TOKENS, corpus: str = "wikitext",
+                  dtype: torch.dtype = torch.float64, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                  seq_len: int | None = None, skip_first: bool = False, use_cache: bool = True) -> Moment:
+    """ROME's C = E[k kᵀ] of `spec.mlp_out`'s input at `layer` over the first n_tokens (None: all) corpus positions.
+
+    Accumulates Σ k kᵀ in `dtype`; C is returned in float64. `meta["count"]` is the number
+    of keys used (fewer than n_tokens when the corpus is shorter or skip_first drops position
+    0). Cached under cache_dir()/stats/<model>/ with a JSON sidecar; a cache whose metadata
+    differs from the request (incl. library version) is recomputed.
+    """
+    request = _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first)
+    path = cache_path(request)
+    if use_cache and (hit := _load(path, request)) is not None:
+        return hit
+    ids, lengths = take_tokens(*corpus_windows(lm, corpus, request["seq_len"]), n_tokens)
+    (S, count), = _accumulate(lm, request["module"], ids, lengths, batch_tokens, dtype, skip_first)
+    m = _moment(S, count, dict(request, created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+    if use_cache:
+        _save(path, m)
+    return m
+
+
+# ---------------------------------------------------------------- studies
+def subject_keys(lm: LoadedModel, layer: int, cases: list[dict]) -> torch.Tensor:
+    """Keys k at the last subject token of each case's prompt (ROME's `subject_last` token, no context), [m, d_k]."""
+    idxs = []
+    for c in cases:
+        end = c["prompt"].find(c["subject"])
+        if end < 0:
+            raise ValueError(f"case {c.get('case_id')}: subject {c['subject']!r} not in prompt {c['prompt']!r}")
+        idxs.append(len(lm.token_ids(c["prompt"][:end + len(c["subject"])])) - 1)
+    batch = lm.encode([c["prompt"] for c in cases])
+    with torch.no_grad(), Trace(lm.model, lm.spec.module("mlp_out", layer), retain_input=True, stop=True) as tr:
+        lm.model(**batch)
+    return tr.input[torch.arange(len(cases)), torch.tensor(idxs)].double().cpu()
+
+
+def convergence(lm: LoadedModel, layer: int, sizes: list[int], keys: torch.Tensor, corpus: str = "wikitext",
+                seq_len: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                skip_first: bool = False) -> pd.DataFrame:
+    """How C_n (first n tokens) approaches C_all (whole corpus), in one pass over the corpus.
+
+    One row per (n, key): n_tokens (keys actually used, rounded up to a batch), key,
+    rel_fro_err = ‖C_n − C_all‖_F / ‖C_all‖_F and cos = cos(C_n⁻¹k, C_all⁻¹k) (NaN while
+    C_n is singular). Only the direction of C⁻¹k enters ROME's update (Δ k' ∝ (C⁻¹k)ᵀk').
+    """
+    request = _request(lm, layer, None, corpus, torch.float64, seq_len, skip_first)
+    ids, lengths = corpus_windows(lm, corpus, request["seq_len"])
+    snaps = _accumulate(lm, request["module"], ids, lengths, batch_tokens, torch.float64, skip_first, sizes)
+    moments = [_moment(S, n, request) for S, n in snaps]
+    full = moments[-1]
+    u_all = full.inv_apply(keys.double())
+    rows = []
+    for m in moments:
+        err = float(torch.linalg.matrix_norm(m.C - full.C) / torch.linalg.matrix_norm(full.C))
+        try:
+            cos = F.cosine_similarity(m.inv_apply(keys.double()), u_all, dim=-1).tolist()
+        except ValueError:
+            cos = [float("nan")] * len(keys)
+        rows += [dict(n_tokens=m.count, key=i, rel_fro_err=err, cos=c) for i, c in enumerate(cos)]
+    return pd.DataFrame(rows)
+
+
+def first_token_share(lm: LoadedModel, layers: list[int], n_tokens: int | None = DEFAULT_N_TOKENS,
+                      corpus: str = "wikitext", seq_len: int | None = None,
+                      batch_tokens: int = DEFAULT_BATCH_TOKENS) -> pd.DataFrame:
+    """Share of trace(C) = E‖k‖² that comes from position 0 of the windows, per layer.
+
+    Columns: layer, seq_len, key_share (position-0 keys / all keys), trace_share
+    (Σ_pos0 ‖k‖² / Σ ‖k‖²), norm_ratio (mean ‖k‖ at position 0 / mean ‖k‖ elsewhere).
+    """
+    seq_len = resolve_seq_len(lm, seq_len)
+    names = [lm.spec.module("mlp_out", L) for L in layers]
+    ids, lengths = take_tokens(*corpus_windows(lm, corpus, seq_len), n_tokens)
+    sums = torch.zeros(len(layers), 4, dtype=torch.float64)  # Σ‖k‖² pos0, Σ‖k‖² all, Σ‖k‖ pos0, Σ‖k‖ rest
+    for x, mask in _batches(lm, ids, lengths, batch_tokens, desc="first-token share"):
+        with torch.no_grad(), TraceDict(lm.model, names, retain_input=True, stop=True) as td:
+            lm.model(input_ids=x, attention_mask=mask.long())
+        rest = mask.clone()
+        rest[:, 0] = False
+        for j, name in enumerate(names):
+            norm = td[name].input.double().norm(dim=-1).cpu()
+            sq = norm ** 2
+            sums[j] += torch.stack([sq[:, 0].sum(), sq[mask.cpu()].sum(), norm[:, 0].sum(), norm[rest.cpu()].sum()])
+    n_first, n_rest = len(lengths), int(lengths.sum()) - len(lengths)
+    return pd.DataFrame(dict(layer=layers, seq_len=seq_len, key_share=n_first / (n_first + n_rest),
+                             trace_share=(sums[:, 0] / sums[:, 1]).numpy(),
+                             norm_ratio=((sums[:, 2] / n_first) / (sums[:, 3] / n_rest)).numpy()))

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random models (unit tests) and the shipped SmolLM2 (integration tests)."""
+import pytest
+import torch
+
+from editcollapse.models import load_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Loader with memo: tiny_models('tiny-llama') -> LoadedModel on CPU (fresh weights per name)."""
+    cache = {}
+
+    def get(name="tiny-llama"):
+        if name not in cache:
+            cache[name] = load_model(name, device="cpu")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (first load converts the GGUF, later loads read the safetensors cache)."""
+    return load_model("smollm2-135m", device="cpu")

@@ -1,0 +1,150 @@
+"""ROME / C-ROME on tiny random models of every architecture: the update's algebra, undo, errors."""
+import pytest
+import torch
+
+from editcollapse.editors import ROME, EditError, EditRequest, edited, get_editor
+from editcollapse.editors.rome import (ROMEHyperParams, compute_v_star, context_templates, keys_and_values,
+                                       subject_last_index)
+from editcollapse.nethook import get_module
+
+ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
+REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
+FAST = dict(v_num_grad_steps=4, v_weight_decay=1e-3)
+
+
+def snapshot(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def assert_identical(lm, before):
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def mlp_out_weight(lm, layer):
+    """W as [d_out, d_in] whatever the module stores (GPT-2's Conv1D stores the transpose)."""
+    module = get_module(lm.model, lm.spec.module("mlp_out", layer))
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_v_star_equals_full_forward(tiny_models, arch):
+    lm = tiny_models(arch)
+    hp = ROMEHyperParams.for_model(lm, **FAST)
+    templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+    fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, fast=True)
+    full, v0_full, curve_full = compute_v_star(lm, REQ, templates, hp, fast=False)
+    torch.testing.assert_close(v0_fast, v0_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+    assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("consistent", [False, True])
+def test_update_solves_its_defining_equation(tiny_models, arch, consistent):
+    """W' k + b = v* for the edit's key k (k^u for ROME, k̄ for C-ROME); W' x = W x whenever uᵀx = 0."""
+    lm = tiny_models(arch)
+    before = snapshot(lm)
+    layer = lm.spec.hparams["rome"]["layer"]
+    module = get_module(lm.model, lm.spec.module("mlp_out", layer))
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else 0
+    W0 = mlp_out_weight(lm, layer).detach().clone()
+    with edited(lm, REQ, ROME(consistent=consistent, hparams=FAST)) as result:
+        d = result.diagnostics
+        k = d["k_bar"] if consistent else d["k_u"]
+        W1 = mlp_out_weight(lm, layer)
+        torch.testing.assert_close(W1 @ k + bias, d["v_star"], rtol=1e-4, atol=1e-5)
+        u = d["C_inv_k"]
+        x = torch.randn_like(u)
+        x -= (x @ u) / (u @ u) * u  # orthogonal to u
+        torch.testing.assert_close(W1 @ x, W0 @ x, rtol=1e-4, atol=1e-5)
+        assert d["denominator"] == pytest.approx((u @ k).item() / u.norm().item(), rel=1e-5)
+        assert d["delta_norm"] == pytest.approx((W1 - W0).norm().item(), rel=1e-4)
+    assert_identical(lm, before)
+
+
+def test_rome_update_is_exact_at_the_bare_prompt(tiny_models):
+    """After ROME, the MLP output at the subject's last token of the bare prompt is v*."""
+    lm = tiny_models("tiny-llama")
+    with edited(lm, REQ, ROME(hparams=FAST)) as result:
+        layer = result.diagnostics["layer"]
+        idx = subject_last_index(lm, REQ.template(), REQ.subject)
+        _, v = keys_and_values(lm, layer, [REQ.prompt], [idx])
+        torch.testing.assert_close(v[0], result.diagnostics["v_star"], rtol=1e-4, atol=1e-5)
+
+
+def test_many_edit_undo_cycles_restore_bit_identical_weights(tiny_models):
+    lm = tiny_models("tiny-gpt2")
+    before = snapshot(lm)
+    for i, name in enumerate(["rome", "c-rome", "c-rome-prefix"] * 3):
+        req = EditRequest(f"Case {i}: Paris is the capital of", "Paris", ["Italy", "Spain", "Japan"][i % 3])
+        result = get_editor(name, hparams=dict(FAST, v_num_grad_steps=2)).apply(lm, req)
+        assert not all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+        result.undo()
+        assert_identical(lm, before)
+
+
+def test_v_star_optimisation_lowers_the_target_nll(tiny_models):
+    """Gradient steps on δ make the new target likelier (a random d=64 model caps p near 1/300:
+    its tied embeddings are tiny, so only the NLL's fall, not p → 1, can be asked for)."""
+    lm = tiny_models("tiny-llama")
+    hp = ROMEHyperParams.for_model(lm, v_num_grad_steps=15, v_weight_decay=0.0, kl_factor=0.0, clamp_norm_factor=1e3)
+    templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+    # the subject ends the prompt, so δ reaches the target's logits through the residual stream
+    _, _, curve = compute_v_star(lm, EditRequest("I really like Twitter", "Twitter", "Microsoft"), templates, hp)
+    assert curve[-1]["nll"] < curve[0]["nll"] - 1.0
+    assert all(b["nll"] <= a["nll"] + 1e-6 for a, b in zip(curve, curve[1:]))
+
+
+def test_context_templates_are_seeded(tiny_models):
+    lm = tiny_models("tiny-llama")
+    a = context_templates(lm, ((5, 10),), seed=1)
+    assert a == context_templates(lm, ((5, 10),), seed=1)
+    assert a != context_templates(lm, ((5, 10),), seed=2)
+    assert a[0] == "{}" and len(a) == 11 and all(t.endswith(". {}") for t in a[1:])
+
+
+@pytest.mark.parametrize("request_, message", [
+    (EditRequest("Paris is the capital of", "London", "Italy"), "not in prompt"),
+    (EditRequest("Paris is the capital of", "Paris", "  "), "empty target"),
+    (EditRequest("Paris is the capital of", "Paris", "France", "France"), "equals the current answer"),
+    (EditRequest("I saw London in", "Lond", "Rome"), "tokenizes differently"),
+])
+def test_bad_requests_are_refused_and_leave_the_model_untouched(tiny_models, request_, message):
+    lm = tiny_models("tiny-llama")
+    assert len(lm.tok(" London", add_special_tokens=False)["input_ids"]) == 1  # so "Lond" splits " London"
+    before = snapshot(lm)
+    with pytest.raises(EditError, match=message):
+        ROME(hparams=FAST).apply(lm, request_)
+    assert_identical(lm, before)
+
+
+def test_nan_in_the_optimisation_is_refused(tiny_models):
+    lm = tiny_models("tiny-gptj")
+    w = get_module(lm.model, lm.spec.module("mlp_out", 2)).weight
+    saved = w.detach().clone()
+    hp = ROMEHyperParams.for_model(lm, **FAST)
+    context_templates(lm, hp.context_template_length_params, hp.seed)  # sampled while the model is sound
+    try:
+        with torch.no_grad():
+            w[0, 0] = float("nan")
+        before = snapshot(lm)
+        with pytest.raises(EditError, match="non-finite"):
+            ROME(hparams=FAST).apply(lm, REQ)
+        after = lm.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+        assert torch.equal(get_module(lm.model, lm.spec.module("mlp_out", 1)).weight,
+                           before[lm.spec.module("mlp_out", 1) + ".weight"])
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def test_layer_out_of_range_is_refused(tiny_models):
+    with pytest.raises(EditError, match="out of range"):
+        ROME(hparams={"layer": 99}).apply(tiny_models("tiny-llama"), REQ)
+
+
+def test_unknown_editor_name():
+    with pytest.raises(ValueError, match="unknown editor"):
+        get_editor("rome2")
