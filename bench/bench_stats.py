@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--batch-tokens", type=int, default=stats.DEFAULT_BATCH_TOKENS)
     ap.add_argument("--time-tokens", type=int, default=16384)
-    ap.add_argument("--sizes", default="10000,20000,50000,100000,200000")
+    ap.add_argument("--sizes", default="10000,20000,50000,100000,150000,200000")
     ap.add_argument("--n-keys", type=int, default=20)
     ap.add_argument("--share-seq-lens", default="256,1024")
     ap.add_argument("--share-tokens", type=int, default=50_000)
@@ -86,10 +86,17 @@ def main():
         if args.csv:
             df.to_csv(args.csv, index=False)
         table = df.groupby("n_tokens").agg(rel_fro_err=("rel_fro_err", "first"), cos_mean=("cos", "mean"),
-                                           cos_min=("cos", "min"), cos_median=("cos", "median"))
+                                           cos_min=("cos", "min"), rel_fro_err_rest=("rel_fro_err_rest", "first"),
+                                           cos_rest_mean=("cos_rest", "mean"), cos_rest_min=("cos_rest", "min"))
+        N = table.index.max()
+        nested = table.cos_mean.iloc[:-1]
+        c = float(((1 - nested) / (1 / nested.index - 1 / N)).median())  # 1 − cos ≈ c (1/n − 1/N) for nested sets
+        table["cos_vs_limit_fit"] = 1 - c / table.index
         print(f"\n(b) convergence, {args.model} layer {args.layer}, seq_len {seq_len}, {len(keys)} CounterFact "
-              f"subject keys (C_all = last row)")
-        print(table.to_string(float_format=lambda v: f"{v:.6f}"))
+              f"subject keys; C_all = last row, 'rest' = the other N − n tokens (disjoint)")
+        print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+        print(f"    fit 1 − cos(C_n⁻¹k, C_all⁻¹k) ≈ c (1/n − 1/N): c = {c:.0f} tokens, so against the "
+              f"corpus limit 1 − cos ≈ c/n (column cos_vs_limit_fit); for two disjoint halves 4c/N = {4 * c / N:.4f}")
 
     if "c" not in skip:
         layers = list(range(lm.n_layers))
@@ -97,13 +104,13 @@ def main():
             share = stats.first_token_share(lm, layers, args.share_tokens, seq_len=T, batch_tokens=args.batch_tokens)
             print(f"\n(c) share of trace(C) from position 0, {args.share_tokens} tokens, seq_len {T}")
             print(share.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        m = stats.second_moment(lm, args.layer, None, seq_len=seq_len, batch_tokens=args.batch_tokens)
-        m0 = stats.second_moment(lm, args.layer, None, seq_len=seq_len, batch_tokens=args.batch_tokens,
-                                 skip_first=True)
+        m = stats.second_moment(lm, args.layer, seq_len=seq_len, batch_tokens=args.batch_tokens)
+        m0 = stats.second_moment(lm, args.layer, seq_len=seq_len, batch_tokens=args.batch_tokens, skip_first=True)
         cos = F.cosine_similarity(m.inv_apply(keys), m0.inv_apply(keys), dim=-1)
         frac = 1 - m0.count * m0.C.trace() / (m.count * m.C.trace())
-        print(f"\n    layer {args.layer}, whole corpus, seq_len {seq_len}: position 0 = {(m.count - m0.count) / m.count:.4%}"
-              f" of keys, {frac:.4%} of trace(C); cos(C⁻¹k, C_skip0⁻¹k) mean {cos.mean():.6f}, min {cos.min():.6f}")
+        print(f"\n    layer {args.layer}, {m.count} tokens, seq_len {seq_len}: position 0 = "
+              f"{(m.count - m0.count) / m.count:.4%} of keys, {frac:.4%} of trace(C); "
+              f"cos(C⁻¹k, C_skip0⁻¹k) mean {cos.mean():.6f}, min {cos.min():.6f}")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,15 @@ def _jsonl(*parts: str) -> list[dict]:
 
 
 def _take(records: list, n: int | None, seed: int) -> list:
-    """The first `n` records of a seeded shuffle (all records, in order, when n is None)."""
+    """The first `n` records of a seeded shuffle, in file order (all records when n is None).
+
+    Nested: for one seed, a smaller sample is part of every larger one.
+    """
     if n is None or n >= len(records):
         return records
-    idx = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in idx]
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in sorted(order[:n])]
 
 
 # ---------------------------------------------------------------- perplexity corpora

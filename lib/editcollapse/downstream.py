@@ -1,5 +1,5 @@
-"""Downstream tasks that show what a collapsed model has lost (Yang et al., ACL 2024 Findings, §3-4:
-PIQA, HellaSwag, MMLU are discriminative; LAMBADA, Natural Questions, SQuAD 2.0 are generative).
+"""Downstream tasks that show what a collapsed model has lost, used by Yang et al. (ACL 2024 Findings) to
+validate ME-PPL perplexity: PIQA, HellaSwag, MMLU (discriminative); LAMBADA, NQ, SQuAD 2.0 (generative).
 
 The definitions follow EleutherAI's lm-evaluation-harness (v0.4 task configs), re-implemented here on
 the shipped data because lm-eval fetches its datasets from the Hugging Face hub:
@@ -13,16 +13,18 @@ the shipped data because lm-eval fetches its datasets from the Hugging Face hub:
 - LAMBADA (OpenAI): context = passage up to its last space, target = " {last word}";
   ``acc`` = every target token is the argmax (teacher forcing), ``perplexity`` = exp(-mean_items ll).
 - NQ-open: lm-eval's "Answer these questions:\\nQ: {question}?\\nA: {answer}" prompt with the first
-  ``NQ_SHOTS`` dev questions as shots (they are excluded from scoring); greedy decoding of at most
+  ``NQ_SHOTS`` dev questions and their first alias as shots (only the dev split is shipped; they are
+  excluded from scoring, lm-eval draws shots from train); greedy decoding of at most
   ``MAX_NEW_TOKENS`` tokens cut at "\\n", "." or "," (lm-eval's stop strings); ``exact_match`` after SQuAD
   normalisation against any alias.
 - SQuAD 2.0 (answerable subset, no titles shipped): lm-eval's squadv2 prompt without the title,
   "Background: {context}\\n\\nQuestion: {question}\\n\\nAnswer:", greedy decoding cut at "\\n";
-  official SQuAD ``exact_match`` and token ``f1``.
+  official SQuAD ``exact_match`` and token ``f1`` (at most ``MAX_NEW_TOKENS`` tokens, lm-eval allows 256).
 
 Tokenization follows lm-eval's HFLM: trailing spaces of the context move to the continuation, and the
 continuation's tokens are those of token_ids(context + continuation) past len(token_ids(context)), so the
-model's BOS rule applies once, at the front. Metrics lie in [0, 1] (lm-eval reports SQuAD in percent).
+model's BOS rule applies once, at the front. Accuracies and EM/F1 lie in [0, 1] (lm-eval reports SQuAD
+in percent); ``RANDOM_BASELINE`` holds the papers' chance levels.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import string
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from . import data
 from .models import LoadedModel
@@ -68,7 +70,7 @@ def loglikelihood(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int
             raise ValueError(f"continuation {cont!r} after context {ctx[-40:]!r} has no tokens of its own")
         ids = (ctx_ids + cont_ids)[-(_max_len(lm) + 1):]
         rows.append((ids[:-1], cont_ids))
-    groups: dict[tuple, list[int]] = {}  # requests with the same input (e.g. " A".." D" after one prompt) share a forward
+    groups: dict[tuple, list[int]] = {}  # same input (" A".." D" after one prompt): one forward serves all
     for i, (inp, _) in enumerate(rows):
         groups.setdefault(tuple(inp), []).append(i)
     uniq = sorted(groups, key=len, reverse=True)
@@ -97,6 +99,17 @@ def loglikelihood(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int
     return out
 
 
+class _StopStrings(StoppingCriteria):
+    """Per row: done once the text generated after column `start` holds a stop string (prompt text ignored)."""
+
+    def __init__(self, tok, start: int, stop: tuple[str, ...]):
+        self.tok, self.start, self.stop = tok, start, stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def greedy_generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
                     stop: tuple[str, ...] = ("\n",), batch_size: int = 16) -> list[str]:
@@ -109,7 +122,7 @@ def greedy_generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = M
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pad = lm.tok.pad_token_id
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                           eos_token_id=lm.tok.eos_token_id, stop_strings=list(stop) or None)
+                           eos_token_id=lm.tok.eos_token_id)
     out: list[str | None] = [None] * len(rows)
     for b in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
         batch = [rows[i] for i in order[b:b + batch_size]]
@@ -119,8 +132,8 @@ def greedy_generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = M
         for j, r in enumerate(batch):
             ids[j, width - len(r):] = torch.tensor(r)
             mask[j, width - len(r):] = 1
-        gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                generation_config=cfg, tokenizer=lm.tok)
+        gen = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), generation_config=cfg,
+                                stopping_criteria=StoppingCriteriaList([_StopStrings(lm.tok, width, stop)]))
         for j, text in enumerate(lm.tok.batch_decode(gen[:, width:], skip_special_tokens=True)):
             for s in stop:
                 text = text.split(s)[0]

@@ -39,19 +39,22 @@ def subject_is_first_token(lm: LoadedModel, case: dict) -> bool:
 
 
 def first_token_cases(lm: LoadedModel, cases: list[dict], n: int, seed: int = 0) -> list[dict]:
-    """A seeded sample of `n` cases whose subject is the prompt's first token."""
+    """A seeded sample of `n` cases whose subject is the prompt's first token (nested in n)."""
     hits = [c for c in cases if subject_is_first_token(lm, c)]
-    return sorted(random.Random(seed).sample(hits, min(n, len(hits))), key=lambda c: c["case_id"])
+    random.Random(seed).shuffle(hits)
+    return sorted(hits[:n], key=lambda c: c["case_id"])
 
 
 def quick_sample(lm: LoadedModel, dataset: str, n_random: int | None, n_first_token: int = 0,
                  seed: int = 0) -> list[dict]:
-    """`n_random` random cases plus `n_first_token` first-token cases (no duplicates), by case_id."""
-    everything = data.load_cases(dataset)
+    """`n_random` random cases plus `n_first_token` first-token cases, without duplicates, by case_id.
+
+    Samples are nested: with one seed, smaller sizes pick a subset of larger ones, so notebooks
+    sharing a results store reuse each other's edits.
+    """
     chosen = {c["case_id"]: c for c in data.load_cases(dataset, n_random, seed)} if n_random != 0 else {}
     if n_first_token:
-        rest = [c for c in everything if c["case_id"] not in chosen]
-        chosen.update({c["case_id"]: c for c in first_token_cases(lm, rest, n_first_token, seed)})
+        chosen.update({c["case_id"]: c for c in first_token_cases(lm, data.load_cases(dataset), n_first_token, seed)})
     return sorted(chosen.values(), key=lambda c: c["case_id"])
 
 

@@ -39,7 +39,7 @@ from .nethook import Trace, TraceDict
 from .paths import cache_dir
 
 CORPORA = {"wikitext": load_wikitext}
-DEFAULT_N_TOKENS = 100_000  # evidence: docs/stats_convergence.md
+DEFAULT_N_TOKENS = None  # the whole corpus (~302k SmolLM2 tokens of WikiText-2): docs/stats_convergence.md
 DEFAULT_SEQ_LEN = 1024  # ROME: texts truncated to GPT-2's 1,024 positions
 DEFAULT_BATCH_TOKENS = 4096
 SEED = 0  # order of the windows
@@ -247,27 +247,39 @@ def convergence(lm: LoadedModel, layer: int, sizes: list[int], keys: torch.Tenso
     """How C_n (first n tokens) approaches C_all (whole corpus), in one pass over the corpus.
 
     One row per (n, key): n_tokens (keys actually used, rounded up to a batch), key,
-    rel_fro_err = ‖C_n − C_all‖_F / ‖C_all‖_F and cos = cos(C_n⁻¹k, C_all⁻¹k) (NaN while
-    C_n is singular). Only the direction of C⁻¹k enters ROME's update (Δ k' ∝ (C⁻¹k)ᵀk').
+    rel_fro_err = ‖C_n − C_all‖_F / ‖C_all‖_F, cos = cos(C_n⁻¹k, C_all⁻¹k), and the same two
+    against C_rest, the moment of the other N − n tokens (disjoint from C_n, so free of the
+    overlap that flatters the comparison with C_all): rel_fro_err_rest, cos_rest. NaN where a
+    moment is singular. Only the direction of C⁻¹k enters ROME's update (Δ k' ∝ (C⁻¹k)ᵀk').
     """
     request = _request(lm, layer, None, corpus, torch.float64, seq_len, skip_first)
     ids, lengths = corpus_windows(lm, corpus, request["seq_len"])
     snaps = _accumulate(lm, request["module"], ids, lengths, batch_tokens, torch.float64, skip_first, sizes)
-    moments = [_moment(S, n, request) for S, n in snaps]
-    full = moments[-1]
-    u_all = full.inv_apply(keys.double())
-    rows = []
-    for m in moments:
-        err = float(torch.linalg.matrix_norm(m.C - full.C) / torch.linalg.matrix_norm(full.C))
+    S_all, N = snaps[-1]
+    snaps = [s for s in snaps[:-1] if s[1] < N] + snaps[-1:]  # a mark reached only by the last batch: once
+    full = _moment(S_all, N, request)
+    keys = keys.double()
+
+    def compare(m: Moment, ref: Moment | None) -> tuple[float, list[float]]:
+        if ref is None:
+            return float("nan"), [float("nan")] * len(keys)
+        err = float(torch.linalg.matrix_norm(m.C - ref.C) / torch.linalg.matrix_norm(ref.C))
         try:
-            cos = F.cosine_similarity(m.inv_apply(keys.double()), u_all, dim=-1).tolist()
+            return err, F.cosine_similarity(m.inv_apply(keys), ref.inv_apply(keys), dim=-1).tolist()
         except ValueError:
-            cos = [float("nan")] * len(keys)
-        rows += [dict(n_tokens=m.count, key=i, rel_fro_err=err, cos=c) for i, c in enumerate(cos)]
+            return err, [float("nan")] * len(keys)
+
+    rows = []
+    for S, n in snaps:
+        m = _moment(S, n, request)
+        err, cos = compare(m, full)
+        err_rest, cos_rest = compare(m, _moment(S_all - S, N - n, request) if n < N else None)
+        rows += [dict(n_tokens=n, key=i, rel_fro_err=err, cos=c, rel_fro_err_rest=err_rest, cos_rest=cr)
+                 for i, (c, cr) in enumerate(zip(cos, cos_rest))]
     return pd.DataFrame(rows)
 
 
-def first_token_share(lm: LoadedModel, layers: list[int], n_tokens: int | None = DEFAULT_N_TOKENS,
+def first_token_share(lm: LoadedModel, layers: list[int], n_tokens: int | None = 50_000,
                       corpus: str = "wikitext", seq_len: int | None = None,
                       batch_tokens: int = DEFAULT_BATCH_TOKENS) -> pd.DataFrame:
     """Share of trace(C) = E‖k‖² that comes from position 0 of the windows, per layer.
@@ -278,7 +290,7 @@ def first_token_share(lm: LoadedModel, layers: list[int], n_tokens: int | None =
     seq_len = resolve_seq_len(lm, seq_len)
     names = [lm.spec.module("mlp_out", L) for L in layers]
     ids, lengths = take_tokens(*corpus_windows(lm, corpus, seq_len), n_tokens)
-    sums = torch.zeros(len(layers), 4, dtype=torch.float64)  # Σ‖k‖² pos0, Σ‖k‖² all, Σ‖k‖ pos0, Σ‖k‖ rest
+    sums = torch.zeros(len(layers), 4, dtype=torch.float64)  # Σ‖k‖²: pos 0, all; Σ‖k‖: pos 0, rest
     for x, mask in _batches(lm, ids, lengths, batch_tokens, desc="first-token share"):
         with torch.no_grad(), TraceDict(lm.model, names, retain_input=True, stop=True) as td:
             lm.model(input_ids=x, attention_mask=mask.long())

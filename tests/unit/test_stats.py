@@ -9,7 +9,7 @@ from editcollapse.models import load_model
 from editcollapse.nethook import Trace
 
 N, T = 1500, 64  # tokens, window length: the last window used is cut short
-CORPUS = "wiki-head"  # the first 50 lines of WikiText-2 (~10k tiny-tokenizer tokens): tokenizing all of it takes seconds
+CORPUS = "wiki-head"  # first 50 lines of WikiText-2 (~8k tiny-tokenizer tokens); all of it takes seconds
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +151,11 @@ def test_convergence_and_first_token_share(tiny_models):
     C_all = stats.second_moment(lm, 1, n_tokens=None, corpus=CORPUS, seq_len=T).C
     err = float(torch.linalg.matrix_norm(C - C_all) / torch.linalg.matrix_norm(C_all))
     assert df[df.n_tokens == n2000].rel_fro_err.iloc[0] == pytest.approx(err, rel=1e-6)
+    N = int(last)
+    C_rest = (N * C_all - n2000 * C) / (N - n2000)  # the tokens after the first n2000
+    err_rest = float(torch.linalg.matrix_norm(C - C_rest) / torch.linalg.matrix_norm(C_rest))
+    assert df[df.n_tokens == n2000].rel_fro_err_rest.iloc[0] == pytest.approx(err_rest, rel=1e-6)
+    assert full.cos_rest.isna().all()
 
     share = stats.first_token_share(lm, [0, 1], n_tokens=20 * T, corpus=CORPUS, seq_len=T)
     m = stats.second_moment(lm, 1, n_tokens=20 * T, corpus=CORPUS, seq_len=T)
