@@ -7,9 +7,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_piqa_beats_chance(smollm2):
-    res = ds.evaluate(smollm2, "piqa", n=20, seed=0)
-    assert res["n"] == 20
-    assert res["acc"] >= 0.7 and 0.5 <= res["acc_norm"] <= 1  # measured 0.90 / 0.85 (chance 0.5)
+    res = ds.evaluate(smollm2, "piqa", n=100, seed=0)
+    assert res["n"] == 100
+    assert res["acc"] >= 0.55 and 0.5 <= res["acc_norm"] <= 1  # measured 0.60 / 0.60 (chance 0.5, sd 0.05)
 
 
 def test_lambada_perplexity_is_that_of_a_language_model(smollm2):
