@@ -148,3 +148,18 @@ def test_layer_out_of_range_is_refused(tiny_models):
 def test_unknown_editor_name():
     with pytest.raises(ValueError, match="unknown editor"):
         get_editor("rome2")
+
+
+def test_mom2_adjustment_uses_C_inverse_k_bar(tiny_models):
+    """With mom2_adjustment, u = C⁻¹k̄ (C from stats.second_moment) and the update is still exact at k^u."""
+    from editcollapse.stats import second_moment
+
+    lm = tiny_models("tiny-llama")
+    layer = lm.spec.hparams["rome"]["layer"]
+    moment = second_moment(lm, layer, n_tokens=2000, use_cache=False)
+    with edited(lm, REQ, ROME(hparams=dict(FAST, mom2_adjustment=True), stats=moment)) as result:
+        d = result.diagnostics
+        torch.testing.assert_close(d["C_inv_k"], moment.inv_apply(d["k_bar"]).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moment.C.float() @ d["C_inv_k"], d["k_bar"], rtol=1e-3, atol=1e-4)
+        W1 = mlp_out_weight(lm, layer)
+        torch.testing.assert_close(W1 @ d["k_u"], d["v_star"], rtol=1e-4, atol=1e-5)

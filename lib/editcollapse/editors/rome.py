@@ -347,7 +347,7 @@ class ROME:
 
         diagnostics = dict(
             layer=hp.layer, k_u=k_u.cpu(), k_bar=k_bar.cpu(), C_inv_k=C_inv_k.float().cpu(), v_star=v_star.cpu(),
-            v_init=v_init.cpu(), numerator_norm=residual.norm().item(),
+            v_init=v_init.cpu(), numerator=residual.cpu(), numerator_norm=residual.norm().item(),
             # the papers' code reports the denominator with u normalised: (u/‖u‖)ᵀ k
             denominator=(denominator_raw / u.norm()).item(), denominator_raw=denominator_raw.item(),
             delta_norm=delta.norm().item(), k_u_k_bar_cosine=F.cosine_similarity(k_u, k_bar, dim=0).item(),
