@@ -228,17 +228,14 @@ def second_moment(lm: LoadedModel, layer: int, n_tokens: int | None = DEFAULT_N_
 
 # ---------------------------------------------------------------- studies
 def subject_keys(lm: LoadedModel, layer: int, cases: list[dict]) -> torch.Tensor:
-    """Keys k at the last subject token of each case's prompt (ROME's `subject_last` token, no context), [m, d_k]."""
-    idxs = []
-    for c in cases:
-        end = c["prompt"].find(c["subject"])
-        if end < 0:
-            raise ValueError(f"case {c.get('case_id')}: subject {c['subject']!r} not in prompt {c['prompt']!r}")
-        idxs.append(len(lm.token_ids(c["prompt"][:end + len(c["subject"])])) - 1)
-    batch = lm.encode([c["prompt"] for c in cases])
-    with torch.no_grad(), Trace(lm.model, lm.spec.module("mlp_out", layer), retain_input=True, stop=True) as tr:
-        lm.model(**batch)
-    return tr.input[torch.arange(len(cases)), torch.tensor(idxs)].double().cpu()
+    """Keys k^u at the last subject token of each case's bare prompt (as ROME computes them), [m, d_k]."""
+    from .editors import EditRequest
+    from .editors.rome import keys_and_values, subject_last_index
+
+    templates = [EditRequest.from_case(c).template() for c in cases]
+    idxs = [subject_last_index(lm, t, c["subject"]) for t, c in zip(templates, cases)]
+    keys, _ = keys_and_values(lm, layer, [c["prompt"] for c in cases], idxs)
+    return keys.double().cpu()
 
 
 def convergence(lm: LoadedModel, layer: int, sizes: list[int], keys: torch.Tensor, corpus: str = "wikitext",
