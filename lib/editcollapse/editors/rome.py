@@ -317,7 +317,9 @@ class ROME:
             raise EditError(f"layer {hp.layer} out of range for {lm.spec.name} ({lm.n_layers} layers)")
         clock = {}
         t0 = time.perf_counter()
-        templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+        templates = context_templates(lm, hp.context_template_length_params, hp.seed)  # sampled once per model
+        clock["templates"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         tmpl = request.template()
         texts = [c.format(tmpl).format(request.subject) for c in templates]
         idxs = [subject_last_index(lm, c.format(tmpl), request.subject) for c in templates]
