@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from ..metrics import target_ids
 from ..models import LoadedModel
 from ..nethook import Trace, get_module
 from .base import EditError, EditRequest, EditResult, save_parameters
@@ -108,14 +109,6 @@ def subject_last_index(lm: LoadedModel, template: str, subject: str) -> int:
     return len(upto) - 1
 
 
-def target_token_ids(lm: LoadedModel, target: str) -> list[int]:
-    """Tokens of ' target' (ROME prepends a space), without BOS."""
-    ids = lm.tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise EditError(f"target {target!r} has no tokens")
-    return list(ids)
-
-
 # ---------------------------------------------------------------- keys and values
 def keys_and_values(lm: LoadedModel, layer: int, texts: list[str], idxs: list[int]):
     """Input k and output W k of the layer's MLP output projection at one position per text."""
@@ -142,7 +135,7 @@ class _Prompts:
 
 def _build_prompts(lm: LoadedModel, request: EditRequest, templates: list[str], hp: ROMEHyperParams) -> _Prompts:
     tmpl = request.template()
-    target = target_token_ids(lm, request.target_new)
+    target = target_ids(lm, request.target_new)  # ' target', as ROME scores it (validate() refused empty ones)
     ids, lookup, target_pos = [], [], []
     for ctx in templates:
         t = ctx.format(tmpl)
