@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from ..metrics import target_ids
-from ..models import LoadedModel
+from ..models import LoadedModel, pad_ids
 from ..nethook import Trace, get_module
 from .base import EditError, EditRequest, EditResult, save_parameters
 
@@ -150,18 +150,6 @@ def _build_prompts(lm: LoadedModel, request: EditRequest, templates: list[str], 
     return _Prompts(ids, lookup, target_pos, target, len(templates))
 
 
-def _pad(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            sl = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, sl] = torch.tensor(r)
-            mask[i, sl] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     logits = lm.model.get_output_embeddings()(hidden).float()
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
@@ -173,7 +161,7 @@ class _FullForward:
 
     def __init__(self, lm: LoadedModel, p: _Prompts, layer: int):
         self.lm, self.p, self.layer = lm, p, layer
-        self.ids, self.mask = _pad(p.ids, lm.tok.pad_token_id, left=False, device=lm.device)
+        self.ids, self.mask = pad_ids(p.ids, lm.tok.pad_token_id, left=False, device=lm.device)
         self.rows = torch.arange(len(p.ids), device=lm.device)
         self.lookup = torch.tensor(p.lookup, device=lm.device)
 
@@ -209,13 +197,13 @@ class _CachedForward:
         pre = [r[:i] for r, i in zip(p.ids, p.lookup)]
         suf = [r[i:] for r, i in zip(p.ids, p.lookup)]
         self.n_pre = max(len(r) for r in pre)
-        s_ids, s_mask = _pad(suf, pad, left=False, device=dev)
+        s_ids, s_mask = pad_ids(suf, pad, left=False, device=dev)
         self.s_ids = s_ids
         pre_len = torch.tensor([len(r) for r in pre], device=dev)
         self.pos = pre_len[:, None] + torch.arange(s_ids.shape[1], device=dev)[None]
         self.cache = None
         if self.n_pre:
-            p_ids, p_mask = _pad(pre, pad, left=True, device=dev)
+            p_ids, p_mask = pad_ids(pre, pad, left=True, device=dev)
             p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
             with torch.no_grad():
                 out = lm.model.base_model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
@@ -367,6 +355,3 @@ class ROME:
             self.stats = second_moment(lm, hp.layer, **kwargs)
         return self.stats
 
-
-def replace_hparams(editor: ROME, **overrides) -> ROME:
-    return replace(editor, hparams={**editor.hparams, **overrides})
