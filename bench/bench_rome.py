@@ -18,7 +18,7 @@ import torch
 
 from editcollapse import data, load_model
 from editcollapse.editors import ROME, EditRequest
-from editcollapse.editors.rome import ROMEHyperParams, context_templates
+from editcollapse.keys import context_templates
 from editcollapse.perplexity import me_ppl
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    hp = ROMEHyperParams.for_model(lm)
+    hp = ROME().hparams_for(lm)
     t0 = time.perf_counter()
     context_templates(lm, hp.context_template_length_params, hp.seed)
     print(f"{args.model} on {lm.device}, {torch.get_num_threads()} threads; context templates sampled once in "

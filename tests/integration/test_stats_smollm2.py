@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from editcollapse import stats
+from editcollapse import keys, stats
 from editcollapse.data import load_counterfact
 
 pytestmark = pytest.mark.integration
@@ -17,7 +17,7 @@ def test_small_run_gives_spd_C(smollm2, tmp_path, monkeypatch):
     eig = torch.linalg.eigvalsh(m.C)
     assert eig.min() > 0, f"C not positive definite: smallest eigenvalue {eig.min():.3g}"
 
-    k = stats.subject_keys(smollm2, 5, load_counterfact("edit", n=4, seed=0))
+    k = keys.subject_keys(smollm2, 5, load_counterfact("edit", n=4, seed=0))
     assert k.shape == (4, 1536)
     torch.testing.assert_close(m.inv_apply(k) @ m.C, k, rtol=1e-6, atol=1e-6)
     assert stats.cache_path(m.meta).exists()

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from editcollapse.editors import ROME, EditError, EditRequest, edited, get_editor
-from editcollapse.editors.rome import (ROMEHyperParams, compute_v_star, context_templates, keys_and_values,
-                                       subject_last_index)
+from editcollapse.editors.rome import PRESETS, ROMEHyperParams
+from editcollapse.editors.vstar import compute_v_star
+from editcollapse.keys import context_templates, keys_and_values
+from editcollapse.tokens import subject_last_index
 from editcollapse.nethook import get_module
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
@@ -21,6 +23,10 @@ def assert_identical(lm, before):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def mlp(lm, hp):
+    return lm.spec.module("mlp", hp.layer)
+
+
 def mlp_out_weight(lm, layer):
     """W as [d_out, d_in] whatever the module stores (GPT-2's Conv1D stores the transpose)."""
     module = get_module(lm.model, lm.spec.module("mlp_out", layer))
@@ -30,10 +36,10 @@ def mlp_out_weight(lm, layer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_v_star_equals_full_forward(tiny_models, arch):
     lm = tiny_models(arch)
-    hp = ROMEHyperParams.for_model(lm, **FAST)
+    hp = ROME(hparams=FAST).hparams_for(lm)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
-    fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, fast=True)
-    full, v0_full, curve_full = compute_v_star(lm, REQ, templates, hp, fast=False)
+    fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, mlp(lm, hp), fast=True)
+    full, v0_full, curve_full = compute_v_star(lm, REQ, templates, hp, mlp(lm, hp), fast=False)
     torch.testing.assert_close(v0_fast, v0_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
     assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
@@ -45,7 +51,7 @@ def test_update_solves_its_defining_equation(tiny_models, arch, consistent):
     """W' k + b = v* for the edit's key k (k^u for ROME, k̄ for C-ROME); W' x = W x whenever uᵀx = 0."""
     lm = tiny_models(arch)
     before = snapshot(lm)
-    layer = lm.spec.hparams["rome"]["layer"]
+    layer = PRESETS[arch]["layer"]
     module = get_module(lm.model, lm.spec.module("mlp_out", layer))
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else 0
     W0 = mlp_out_weight(lm, layer).detach().clone()
@@ -88,10 +94,10 @@ def test_v_star_optimisation_lowers_the_target_nll(tiny_models):
     """Gradient steps on δ make the new target likelier (a random d=64 model caps p near 1/300:
     its tied embeddings are tiny, so only the NLL's fall, not p → 1, can be asked for)."""
     lm = tiny_models("tiny-llama")
-    hp = ROMEHyperParams.for_model(lm, v_num_grad_steps=15, v_weight_decay=0.0, kl_factor=0.0, clamp_norm_factor=1e3)
+    hp = ROME(hparams=dict(v_num_grad_steps=15, v_weight_decay=0.0, kl_factor=0.0, clamp_norm_factor=1e3)).hparams_for(lm)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     # the subject ends the prompt, so δ reaches the target's logits through the residual stream
-    _, _, curve = compute_v_star(lm, EditRequest("I really like Twitter", "Twitter", "Microsoft"), templates, hp)
+    _, _, curve = compute_v_star(lm, EditRequest("I really like Twitter", "Twitter", "Microsoft"), templates, hp, mlp(lm, hp))
     assert curve[-1]["nll"] < curve[0]["nll"] - 1.0
     assert all(b["nll"] <= a["nll"] + 1e-6 for a, b in zip(curve, curve[1:]))
 
@@ -108,7 +114,14 @@ def test_context_templates_are_seeded(tiny_models):
     (EditRequest("Paris is the capital of", "London", "Italy"), "not in prompt"),
     (EditRequest("Paris is the capital of", "Paris", "  "), "empty target"),
     (EditRequest("Paris is the capital of", "Paris", "France", "France"), "equals the current answer"),
-    (EditRequest("I saw London in", "Lond", "Rome"), "tokenizes differently"),
+    (EditRequest("I saw London in", "Lond", "Rome"), "only part of a word"),
+    (EditRequest("I saw Berlin in", "erlin", "Rome"), "only part of a word"),
+    (EditRequest("I saw {}on in", "Lond", "Rome"), "tokenizes differently"),
+    (EditRequest("I saw Lon{}n", "do", "Rome"), "does not start on a token boundary"),
+    (EditRequest("Paris {is} the capital of", "Paris", "Italy"), "no other braces"),
+    (EditRequest("Paris is the capital of", None, "Italy"), "subject must be a string"),
+    (EditRequest("Paris is the capital of", "Paris", 5), "target_new must be a string"),
+    (EditRequest(7, "Paris", "Italy"), "prompt must be a string"),
 ])
 def test_bad_requests_are_refused_and_leave_the_model_untouched(tiny_models, request_, message):
     lm = tiny_models("tiny-llama")
@@ -123,7 +136,7 @@ def test_nan_in_the_optimisation_is_refused(tiny_models):
     lm = tiny_models("tiny-gptj")
     w = get_module(lm.model, lm.spec.module("mlp_out", 2)).weight
     saved = w.detach().clone()
-    hp = ROMEHyperParams.for_model(lm, **FAST)
+    hp = ROME(hparams=FAST).hparams_for(lm)
     context_templates(lm, hp.context_template_length_params, hp.seed)  # sampled while the model is sound
     try:
         with torch.no_grad():
@@ -155,7 +168,7 @@ def test_mom2_adjustment_uses_C_inverse_k_bar(tiny_models):
     from editcollapse.stats import second_moment
 
     lm = tiny_models("tiny-llama")
-    layer = lm.spec.hparams["rome"]["layer"]
+    layer = PRESETS["tiny-llama"]["layer"]
     moment = second_moment(lm, layer, n_tokens=2000, use_cache=False)
     with edited(lm, REQ, ROME(hparams=dict(FAST, mom2_adjustment=True), stats=moment)) as result:
         d = result.diagnostics
@@ -163,3 +176,35 @@ def test_mom2_adjustment_uses_C_inverse_k_bar(tiny_models):
         torch.testing.assert_close(moment.C.float() @ d["C_inv_k"], d["k_bar"], rtol=1e-3, atol=1e-4)
         W1 = mlp_out_weight(lm, layer)
         torch.testing.assert_close(W1 @ d["k_u"], d["v_star"], rtol=1e-4, atol=1e-5)
+
+
+def test_paper_presets_match_the_papers_code():
+    assert PRESETS["gpt2-xl"]["layer"] == 17 and PRESETS["gpt-j-6b"]["layer"] == 5
+    llama = PRESETS["llama2-7b"]
+    assert (llama["layer"], llama["v_num_grad_steps"], llama["v_weight_decay"]) == (5, 25, 1e-3)
+    assert all(not p["mom2_adjustment"] for p in PRESETS.values())
+
+
+@pytest.mark.parametrize("hparams, message", [
+    ({"layer": "5"}, "layer must be an int"),
+    ({"layer": None}, "layer must be an int"),
+    ({"v_num_grad_steps": 0}, "v_num_grad_steps must be an int >= 1"),
+    ({"kl_prompt": "is a"}, "kl_prompt"),
+    ({"v_lr": -1}, "v_lr must be a number"),
+    ({"context_template_length_params": [(5, 0)]}, "context_template_length_params"),
+    ({"layr": 3}, "unknown ROMEHyperParams setting"),
+])
+def test_bad_hyper_parameters_are_refused_when_the_editor_is_built(hparams, message):
+    with pytest.raises(EditError, match=message):
+        ROME(hparams=hparams)
+
+
+def test_stats_of_another_layer_are_refused(tiny_models):
+    from editcollapse.stats import second_moment
+
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    moment = second_moment(lm, 2, n_tokens=500, use_cache=False)
+    with pytest.raises(EditError, match="stats are for tiny-llama layer 2"):
+        ROME(hparams=dict(FAST, mom2_adjustment=True), stats=moment).apply(lm, REQ)
+    assert_identical(lm, before)

@@ -1,6 +1,14 @@
-"""Editors: each applies an EditRequest to a live model and returns an EditResult with an exact undo."""
-from .base import EditError, EditRequest, EditResult, edited
+"""Editors: each applies one EditRequest or a batch to a live model and returns an EditResult with an exact undo.
+
+`get_editor(name, **kwargs)` builds a registered editor; `EDITORS` lists them. Every editor
+follows the contract of `base` (validated, atomic, ordered exact undo, common diagnostics);
+tests/unit/test_editor_contract.py checks it for each one on every tiny architecture.
+"""
+from ..errors import EditError
+from ..request import EditRequest
+from .base import EditResult, Editor, edited, live_edits
 from .rome import ROME, ROMEHyperParams
+from .stack import EditStack
 
 EDITORS = {
     "rome": lambda **kw: ROME(consistent=False, **kw),
@@ -9,11 +17,12 @@ EDITORS = {
 }
 
 
-def get_editor(name: str, **kwargs):
-    """An editor by name: rome, c-rome, c-rome-prefix."""
+def get_editor(name: str, **kwargs) -> Editor:
+    """An editor by name (see EDITORS); kwargs go to its constructor, e.g. hparams={...}."""
     if name not in EDITORS:
         raise ValueError(f"unknown editor {name!r}; known editors: {', '.join(EDITORS)}")
     return EDITORS[name](**kwargs)
 
 
-__all__ = ["EDITORS", "EditError", "EditRequest", "EditResult", "ROME", "ROMEHyperParams", "edited", "get_editor"]
+__all__ = ["EDITORS", "EditError", "EditRequest", "EditResult", "EditStack", "Editor", "ROME", "ROMEHyperParams",
+           "edited", "get_editor", "live_edits"]

@@ -1,96 +1,235 @@
-"""What every editor shares: the request, the result with its exact undo, the `edited` context.
+"""The editor contract: requests, results with an exact and ordered undo, atomic application.
 
-An editor changes a few weight tensors of a live model in place. Before it writes, it
-saves a clone of exactly the tensors it touches; `EditResult.undo()` copies them back, so
-the model returns to bit-identical weights without copying or reloading the model.
+`editor.apply(lm, requests)` takes one `EditRequest` or a batch, changes a few weight tensors
+of the live model in place and returns an `EditResult`. The contract, the same for every editor:
+
+- **Validated first.** A bad request or setting raises `EditError` before any weight is written.
+- **Atomic.** Before it writes a tensor, the editor saves a clone of it (`WeightTransaction`).
+  If anything raises before the result is returned (a NaN, an error in the diagnostics, a
+  KeyboardInterrupt), the saved tensors are copied back before the exception propagates.
+- **Exact, ordered undo.** `EditResult.undo()` copies the saved tensors back: bit-identical
+  weights, with no copy of the model. Each model keeps the list of its live edits; only the
+  most recent one can be undone (last applied, first undone), anything else is refused.
+- **Common diagnostics.** Every result carries, per touched tensor, ‖W‖, ‖ΔW‖, ‖ΔW‖/‖W‖ and
+  the largest entries of ΔW (`diagnostics["tensors"]`), their totals (`delta_norm`,
+  `rel_change`, `n_tensors`) and the editor's own keys beside them; `scalars()` gives the flat
+  scalar part that a results row stores.
 """
 from __future__ import annotations
 
+import math
+import time
+import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Sequence
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
+from ..errors import EditError
 from ..models import LoadedModel
 from ..nethook import get_parameter
+from ..request import EditRequest
+
+TOP_ENTRIES = 5
+_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, list[EditResult]]" = weakref.WeakKeyDictionary()
 
 
-class EditError(ValueError):
-    """A request that cannot be applied; the model is left untouched."""
+def as_requests(requests) -> tuple[EditRequest, ...]:
+    """One request or a non-empty sequence of them, as a tuple."""
+    if isinstance(requests, EditRequest):
+        return (requests,)
+    if isinstance(requests, Sequence) and not isinstance(requests, str) and requests \
+            and all(isinstance(r, EditRequest) for r in requests):
+        return tuple(requests)
+    raise EditError(f"expected an EditRequest or a non-empty list of them, got {type(requests).__name__}")
 
 
-@dataclass(frozen=True)
-class EditRequest:
-    """Rewrite (subject, relation) -> target_new. `prompt` contains the subject (or '{}' in its place)."""
-
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-    case_id: int | None = None
-
-    @classmethod
-    def from_case(cls, case: dict) -> "EditRequest":
-        return cls(prompt=case["prompt"], subject=case["subject"], target_new=case["target_new"],
-                   target_true=case.get("ground_truth"), case_id=case.get("case_id"))
-
-    def template(self) -> str:
-        """The prompt with the subject replaced by '{}' (its first occurrence)."""
-        if not self.subject.strip():
-            raise EditError("empty subject")
-        if "{}" in self.prompt:
-            return self.prompt
-        if self.subject not in self.prompt:
-            raise EditError(f"subject {self.subject!r} not in prompt {self.prompt!r}")
-        return self.prompt.replace(self.subject, "{}", 1)
-
-    def validate(self) -> None:
-        self.template()
-        if not self.target_new.strip():
-            raise EditError("empty target_new")
-        if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
-            raise EditError(f"target_new {self.target_new!r} equals the current answer")
+def live_edits(lm: LoadedModel) -> list["EditResult"]:
+    """The edits applied to this model and not undone, oldest first."""
+    return list(_LIVE.get(lm.model, []))
 
 
 @dataclass
 class EditResult:
     """An applied edit: what changed, why, and how to take it back."""
 
-    request: EditRequest
+    requests: tuple[EditRequest, ...]
     editor: str
-    saved: dict[str, torch.Tensor]  # parameter name -> clone of its value before the edit
+    saved: dict[str, torch.Tensor] = field(repr=False)  # parameter name -> its value before the edit
     lm: LoadedModel = field(repr=False)
     diagnostics: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     test_prefix: str | None = None  # prompts are evaluated with this prefix (Fall of ROME, Sec. 5)
     undone: bool = False
 
+    @property
+    def request(self) -> EditRequest:
+        """The request of a single edit."""
+        if len(self.requests) != 1:
+            raise AttributeError(f"this {self.editor} result holds {len(self.requests)} requests; use .requests")
+        return self.requests[0]
+
+    def scalars(self) -> dict:
+        """The scalar diagnostics (common and editor-specific), for a results row."""
+        return {k: v for k, v in self.diagnostics.items() if isinstance(v, (bool, int, float, str))}
+
     def undo(self) -> None:
-        """Restore the saved tensors exactly (bit-identical)."""
+        """Restore the saved tensors exactly (bit-identical); again: nothing. Only the latest live edit can be undone."""
         if self.undone:
             return
-        with torch.no_grad():
-            for name, value in self.saved.items():
-                get_parameter(self.lm.model, name).copy_(value)
+        live = _LIVE.get(self.lm.model, [])
+        if not live or live[-1] is not self:
+            later = len(live) - 1 - live.index(self) if self in live else "unknown"
+            raise EditError(f"undo out of order: {later} later edit(s) of this model are still applied; "
+                            f"undo them first (last applied, first undone), e.g. with an EditStack")
+        _restore(self.lm, self.saved)
+        live.pop()
         self.undone = True
 
 
-class Editor(Protocol):
-    name: str
+def _restore(lm: LoadedModel, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in saved.items():
+            get_parameter(lm.model, name).copy_(value)
 
-    def apply(self, lm: LoadedModel, request: EditRequest) -> EditResult: ...
+
+class WeightTransaction:
+    """Saves each tensor before its first write; `restore()` puts every saved tensor back."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm, self.saved = lm, {}
+
+    def param(self, name: str) -> torch.nn.Parameter:
+        """The parameter `name`, saved first (call before writing to it)."""
+        p = get_parameter(self.lm.model, name)
+        if name not in self.saved:
+            self.saved[name] = p.detach().clone()
+        return p
+
+    def add_(self, name: str, delta: torch.Tensor) -> None:
+        """W += ΔW (ΔW in W's own layout), after saving W."""
+        p = self.param(name)
+        with torch.no_grad():
+            p.add_(delta.to(device=p.device, dtype=p.dtype))
+
+    def restore(self) -> None:
+        _restore(self.lm, self.saved)
 
 
-def save_parameters(lm: LoadedModel, names: list[str]) -> dict[str, torch.Tensor]:
-    """Clones of the named parameters: the undo handle, taken before any write."""
-    return {n: get_parameter(lm.model, n).detach().clone() for n in names}
+def tensor_changes(lm: LoadedModel, saved: dict[str, torch.Tensor], top: int = TOP_ENTRIES) -> dict:
+    """The common diagnostics: per touched tensor ‖W‖, ‖ΔW‖, ‖ΔW‖/‖W‖, largest |ΔW| entries; and totals."""
+    tensors, sq_delta, sq_w = {}, 0.0, 0.0
+    with torch.no_grad():
+        for name, before in saved.items():
+            delta = (get_parameter(lm.model, name) - before).float()
+            w, d = before.float().norm().item(), delta.norm().item()
+            values, flat = delta.abs().flatten().topk(min(top, delta.numel()))
+            where = [list(map(int, torch.unravel_index(i, delta.shape))) for i in flat]
+            tensors[name] = dict(shape=list(delta.shape), norm=w, delta_norm=d, rel_change=d / w if w else float("inf"),
+                                 delta_max_abs=values[0].item() if len(values) else 0.0,
+                                 top=[dict(index=ix, value=delta[tuple(ix)].item()) for ix in where])
+            sq_delta, sq_w = sq_delta + d * d, sq_w + w * w
+    bad = [n for n, t in tensors.items() if not math.isfinite(t["delta_norm"])]
+    if bad:
+        raise EditError(f"non-finite weight change in {', '.join(bad)}")
+    return dict(tensors=tensors, n_tensors=len(tensors), delta_norm=sq_delta ** 0.5,
+                rel_change=(sq_delta / sq_w) ** 0.5 if sq_w else 0.0)
+
+
+def check_overrides(cls, presets: dict, overrides: dict) -> None:
+    """Refuse unknown or ill-typed hyper-parameters when an editor is built (before any model is seen)."""
+    if not isinstance(overrides, dict):
+        raise EditError(f"hparams must be a dict, got {type(overrides).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise EditError(f"unknown {cls.__name__} setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    cls(**{**next(iter(presets.values())), **overrides})  # __post_init__ checks every value
+
+
+def hparams_for(cls, presets: dict, lm: LoadedModel, overrides: dict):
+    """The editor's preset for this model, with `overrides` on top; every setting when there is no preset."""
+    preset = presets.get(lm.spec.name)
+    if preset is None:
+        try:
+            return cls(**overrides)
+        except TypeError as e:
+            raise EditError(f"no {cls.__name__} preset for model {lm.spec.name!r} (presets: {', '.join(presets)}); "
+                            f"pass every required setting in hparams ({e})") from e
+    return cls(**{**preset, **overrides})
+
+
+def param_delta(lm: LoadedModel, module_name: str, delta: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(weight name, ΔW in the parameter's layout) for a [d_out, d_in] update of a linear module.
+
+    GPT-2's Conv1D stores W as [d_in, d_out], so its ΔW is transposed.
+    """
+    module = lm.model.get_submodule(module_name)
+    return module_name + ".weight", delta.T if isinstance(module, Conv1D) else delta
+
+
+def check_layer(lm: LoadedModel, layer: int) -> None:
+    if not 0 <= layer < lm.n_layers:
+        raise EditError(f"layer {layer} out of range for {lm.spec.name} ({lm.n_layers} layers)")
+
+
+class Editor:
+    """Base class of the editors. Subclasses set `name` (or a property) and `batched`, and implement
+
+        _edit(lm, requests, tx) -> (diagnostics: dict, test_prefix: str | None)
+
+    writing weights only through `tx` (a WeightTransaction); `self.clock` gathers phase timings.
+    """
+
+    name: str = "editor"
+    batched: bool = False  # True: one apply edits a batch of facts at once (MEMIT, AlphaEdit, FT-L∞, MEND)
+
+    def apply(self, lm: LoadedModel, requests) -> EditResult:
+        requests = as_requests(requests)
+        if len(requests) > 1 and not self.batched:
+            raise EditError(f"{self.name} edits one fact at a time; apply a sequence with an EditStack, "
+                            f"or use a batched editor (MEMIT, AlphaEdit)")
+        for r in requests:
+            r.validate()
+        tx = WeightTransaction(lm)
+        self.clock = {}
+        t0 = time.perf_counter()
+        try:
+            diagnostics, prefix = self._edit(lm, requests, tx)
+            diagnostics.update(tensor_changes(lm, tx.saved))
+            self.clock["total"] = time.perf_counter() - t0
+            result = EditResult(requests, self.name, tx.saved, lm, diagnostics, dict(self.clock), prefix)
+            _LIVE.setdefault(lm.model, []).append(result)
+        except BaseException:
+            tx.restore()
+            raise
+        return result
+
+    def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx: WeightTransaction):
+        raise NotImplementedError
+
+    def timed(self, phase: str):
+        """`with self.timed("keys"): ...` adds the block's seconds to `self.clock[phase]`."""
+        return _Timed(self.clock, phase)
+
+
+class _Timed:
+    def __init__(self, clock: dict, phase: str):
+        self.clock, self.phase = clock, phase
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.clock[self.phase] = self.clock.get(self.phase, 0.0) + time.perf_counter() - self.t0
 
 
 @contextmanager
-def edited(lm: LoadedModel, request: EditRequest, editor: Editor):
+def edited(lm: LoadedModel, requests, editor: Editor):
     """`with edited(lm, request, ROME()) as result:` the model is edited inside, restored after."""
-    result = editor.apply(lm, request)
+    result = editor.apply(lm, requests)
     try:
         yield result
     finally:

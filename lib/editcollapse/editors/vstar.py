@@ -1,0 +1,218 @@
+"""v*: the output of one module that makes the model say the new target (ROME's compute_v, MEMIT's compute_z).
+
+At the subject's last token of every rewriting prompt (context ⊕ prompt ⊕ target[:-1]), the
+output of `module` (ROME: the MLP of its layer; MEMIT and AlphaEdit: the residual stream after
+the last layer they edit) is replaced by v_init + δ, and δ minimises
+
+    −1/T Σ_t log p(target_t | context ⊕ prompt, target_<t)   (mean over contexts)
+    + kl_factor · KL(p(· | kl_prompt) before ‖ after)          (keeps the subject's essence)
+    + v_weight_decay · ‖δ‖ / ‖v_init‖²
+
+by Adam, with ‖δ‖ clamped to clamp_norm_factor · ‖v_init‖. v* = v_init + δ.
+
+The optimisation only changes what happens at and after the subject's last token, from `module`
+upwards. `fast=True` (default) therefore runs every prompt's tokens before that token once,
+keeps their attention cache, and at each step runs only the remaining tokens, scoring only the
+positions the loss needs; `fast=False` is the papers' way (the whole batch through the whole
+model at each step, full-vocabulary log-softmax at every position).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EditError
+from ..models import LoadedModel, pad_ids
+from ..nethook import Trace
+from ..tokens import subject_last_index, target_ids
+
+
+@dataclass(frozen=True)
+class VStarParams:
+    """The settings of the v* optimisation (ROME's and MEMIT's hparams of the same names)."""
+
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+
+    def __post_init__(self):
+        check_int(self, "v_num_grad_steps", 1)
+        for name in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss"):
+            check_float(self, name, 0.0)
+        if not isinstance(self.kl_prompt, str) or self.kl_prompt.count("{}") != 1:
+            raise EditError(f"kl_prompt must be a string holding '{{}}' once, got {self.kl_prompt!r}")
+
+
+def check_int(hp, name: str, low: int, high: int | None = None) -> None:
+    v = getattr(hp, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise EditError(f"{type(hp).__name__}.{name} must be an int {bound}, got {v!r}")
+
+
+def check_float(hp, name: str, low: float) -> None:
+    v = getattr(hp, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= low:
+        raise EditError(f"{type(hp).__name__}.{name} must be a number >= {low}, got {v!r}")
+
+
+@dataclass
+class _Prompts:
+    """The batch of the v* objective: rewriting prompts (context + prompt + target[:-1]) and the KL prompt."""
+
+    ids: list[list[int]]
+    lookup: list[int]  # subject's last token per row
+    target_pos: list[list[int]]  # positions whose next token is a target token (rewriting rows)
+    target_ids: list[int]
+    n_rewrite: int
+
+
+def _build_prompts(lm: LoadedModel, request, templates: list[str], kl_prompt: str) -> _Prompts:
+    tmpl = request.template()
+    target = target_ids(lm, request.target_new)
+    ids, lookup, target_pos = [], [], []
+    for ctx in templates:
+        t = ctx.format(tmpl)
+        lookup.append(subject_last_index(lm, t, request.subject))
+        row = lm.token_ids(t.format(request.subject)) + target[:-1]
+        n = len(row)
+        target_pos.append(list(range(n - len(target), n)))
+        ids.append(row)
+    lookup.append(subject_last_index(lm, kl_prompt, request.subject))
+    ids.append(lm.token_ids(kl_prompt.format(request.subject)))
+    return _Prompts(ids, lookup, target_pos, target, len(templates))
+
+
+def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    logits = lm.model.get_output_embeddings()(hidden).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _FullForward:
+    """The papers' way: every step runs all prompts through the whole model."""
+
+    def __init__(self, lm: LoadedModel, p: _Prompts, module: str):
+        self.lm, self.p, self.module = lm, p, module
+        self.ids, self.mask = pad_ids(p.ids, lm.tok.pad_token_id, left=False, device=lm.device)
+        self.rows = torch.arange(len(p.ids), device=lm.device)
+        self.lookup = torch.tensor(p.lookup, device=lm.device)
+
+    def __call__(self, delta: torch.Tensor):
+        """(log p of each target token per rewriting row [n_rewrite, T], KL log-probs [1, V], v at lookup)."""
+        seen = {}
+
+        def add_delta(out):
+            seen["v"] = out[self.rows, self.lookup].detach()
+            out = out.clone()
+            out[self.rows, self.lookup] += delta.to(out.dtype)
+            return out
+
+        with Trace(self.lm.model, self.module, edit_output=add_delta):
+            logits = self.lm.model(input_ids=self.ids, attention_mask=self.mask).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        p = self.p
+        tgt = torch.stack([logp[i, p.target_pos[i], p.target_ids] for i in range(p.n_rewrite)])
+        kl = logp[p.n_rewrite:][torch.arange(len(p.ids) - p.n_rewrite), self.lookup[p.n_rewrite:]]
+        return tgt, kl, seen["v"]
+
+
+class _CachedForward:
+    """Run each prompt's tokens before the subject's last token once; each step runs only the rest.
+
+    Rows are split at their lookup index: the prefixes are left-padded so that every
+    lookup token sits in column 0 of the suffix batch, which is right-padded.
+    """
+
+    def __init__(self, lm: LoadedModel, p: _Prompts, module: str):
+        self.lm, self.p, self.module = lm, p, module
+        dev, pad = lm.device, lm.tok.pad_token_id
+        pre = [r[:i] for r, i in zip(p.ids, p.lookup)]
+        suf = [r[i:] for r, i in zip(p.ids, p.lookup)]
+        s_ids, s_mask = pad_ids(suf, pad, left=False, device=dev)
+        self.s_ids = s_ids
+        pre_len = torch.tensor([len(r) for r in pre], device=dev)
+        self.pos = pre_len[:, None] + torch.arange(s_ids.shape[1], device=dev)[None]
+        self.cache = None
+        if max(len(r) for r in pre):
+            p_ids, p_mask = pad_ids(pre, pad, left=True, device=dev)
+            p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+            with torch.no_grad():
+                out = lm.model.base_model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
+            self.cache = out.cache
+            self.mask = torch.cat([p_mask, s_mask], dim=1)
+        else:
+            self.mask = s_mask
+        # rewriting rows: suffix position j predicts the token at j + 1
+        self.t_rows = torch.tensor([i for i in range(p.n_rewrite) for _ in p.target_pos[i]], device=dev)
+        self.t_cols = torch.tensor([q - p.lookup[i] for i in range(p.n_rewrite) for q in p.target_pos[i]], device=dev)
+        self.t_ids = torch.tensor(p.target_ids * p.n_rewrite, device=dev)
+
+    def __call__(self, delta: torch.Tensor):
+        seen = {}
+
+        def add_delta(out):
+            seen["v"] = out[:, 0].detach()
+            out = out.clone()
+            out[:, 0] += delta.to(out.dtype)
+            return out
+
+        kwargs = dict(input_ids=self.s_ids, attention_mask=self.mask, position_ids=self.pos)
+        if self.cache is not None:
+            kwargs.update(cache=copy.deepcopy(self.cache), use_cache=True)
+        with Trace(self.lm.model, self.module, edit_output=add_delta):
+            hidden = self.lm.model.base_model(**kwargs).last_hidden_state
+        p = self.p
+        logp_t = torch.log_softmax(_logits(self.lm, hidden[self.t_rows, self.t_cols]), dim=-1)
+        tgt = logp_t[torch.arange(len(self.t_ids)), self.t_ids].view(p.n_rewrite, len(p.target_ids))
+        kl = torch.log_softmax(_logits(self.lm, hidden[p.n_rewrite:, 0]), dim=-1)
+        return tgt, kl, seen["v"]
+
+
+def compute_v_star(lm: LoadedModel, request, templates: list[str], hp, module: str,
+                   fast: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """v* = v_init + δ at `module`'s output (see the module docstring); `hp` has VStarParams' fields.
+
+    Returns (v*, v_init, loss curve: one dict per step with loss, nll, kl, wd, p_target).
+    Raises EditError when the loss is not finite.
+    """
+    p = _build_prompts(lm, request, templates, hp.kl_prompt)
+    forward = (_CachedForward if fast else _FullForward)(lm, p, module)
+    delta = torch.zeros(lm.model.config.hidden_size, device=lm.device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init, v_init, curve = None, None, []
+    for step in range(hp.v_num_grad_steps):
+        opt.zero_grad()
+        tgt, kl_logp, v = forward(delta)
+        if kl_init is None:
+            kl_init, v_init = kl_logp.detach(), v[0].float()
+        nll = -tgt.sum(1) / len(p.target_ids)
+        nll_loss = nll.mean()
+        kl_loss = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+        wd = hp.v_weight_decay * delta.norm() / v_init.norm() ** 2
+        loss = nll_loss + kl_loss + wd
+        if not torch.isfinite(loss):
+            raise EditError(f"non-finite v* loss at step {step} (nll {nll_loss.item()}, kl {kl_loss.item()})")
+        curve.append(dict(step=step, loss=loss.item(), nll=nll_loss.item(), kl=kl_loss.item(), wd=wd.item(),
+                          p_target=torch.exp(-nll).mean().item()))
+        if loss.item() < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            max_norm = hp.clamp_norm_factor * v_init.norm()
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return (v_init + delta).detach(), v_init, curve
+
+
+def curve_summary(curve: list[dict]) -> dict:
+    """Scalars of a v* loss curve for a results row."""
+    return dict(v_star_steps=len(curve), v_star_final_loss=curve[-1]["loss"], v_star_p_target=curve[-1]["p_target"])
