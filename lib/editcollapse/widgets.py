@@ -55,9 +55,9 @@ class ExplorerSession:
         self.result = get_editor(editor).apply(self.lm, request)
         after = metrics.predict_next(self.lm, text, k=5)
         ppl = perplexity.me_ppl(self.lm, self.ppl_size, progress=False)["mean"]
+        d = self.result.diagnostics  # the common part, and ROME's denominator where the editor has one
         report = dict(before=before, after=after, ppl_before=base, **perplexity.collapse_report(ppl, base),
-                      denominator=self.result.diagnostics["denominator"],
-                      delta_norm=self.result.diagnostics["delta_norm"])
+                      denominator=d.get("denominator"), delta_norm=d["delta_norm"], rel_change=d["rel_change"])
         if self.result.test_prefix is not None:
             report["prefix"] = self.result.test_prefix
             report["after_with_prefix"] = metrics.predict_next(self.lm, metrics.with_prefix(text, self.result.test_prefix), k=5)
@@ -77,7 +77,8 @@ def _format(report: dict) -> str:
     if "after_with_prefix" in report:
         lines.append(f"after, with test prefix {report['prefix']!r}: {top(report['after_with_prefix'])}")
     lines += [f"ME-PPL perplexity: {report['ppl_before']:.1f} -> {report['ppl']:.1f} (x{report['ratio']:.1f})",
-              f"denominator: {report['denominator']:.4g}   ||delta||: {report['delta_norm']:.4g}",
+              (f"denominator: {report['denominator']:.4g}   " if report["denominator"] is not None else "")
+              + f"||ΔW||: {report['delta_norm']:.4g}   ||ΔW||/||W||: {report['rel_change']:.3g}",
               "COLLAPSED" if report["collapsed"] else "not collapsed"]
     return "\n".join(lines)
 

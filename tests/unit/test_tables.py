@@ -1,0 +1,52 @@
+"""tables: the sweep query, collapse labels and the per-editor single-edit table, on hand-made rows."""
+import math
+
+import pandas as pd
+
+from editcollapse.tables import label_cases, single_edit_table, sweep_rows
+
+
+def rows():
+    base = dict(experiment="single_edit_ppl50", model="m", error=None, efficacy=1.0, generalization=0.5,
+                locality=1.0, rel_change=0.01, seconds_edit=1.0)
+    return pd.DataFrame([
+        dict(base, editor="rome", dataset="counterfact", case_id=1, ppl=5000.0, collapsed=True, rel_change=0.5),
+        dict(base, editor="rome", dataset="counterfact", case_id=2, ppl=100.0, collapsed=False),
+        dict(base, editor="rome", dataset="counterfact", case_id=3, ppl=None, collapsed=None, error="EditError: x"),
+        dict(base, editor="c-rome", dataset="counterfact", case_id=1, ppl=120.0, collapsed=False, efficacy=0.0),
+        dict(base, editor="c-rome", dataset="counterfact", case_id=2, ppl=110.0, collapsed=False),
+        dict(base, editor="rome", dataset="zsre", case_id=1, ppl=90.0, collapsed=False),
+        dict(base, editor="rome", dataset="counterfact", case_id=9, ppl=90.0, collapsed=False),  # not sampled
+        dict(base, editor="memit", dataset="counterfact", case_id=1, ppl=90.0, collapsed=False),  # editor not asked
+        dict(base, editor="rome", dataset="counterfact", case_id=1, ppl=90.0, collapsed=False, model="other"),
+    ])
+
+
+CASES = {"counterfact": [{"case_id": 1}, {"case_id": 2}, {"case_id": 3}], "zsre": [{"case_id": 1}]}
+
+
+def test_sweep_rows_keeps_exactly_the_sample():
+    got = sweep_rows(rows(), "single_edit_ppl50", "m", ["rome", "c-rome"], CASES)
+    assert sorted(zip(got.editor, got.dataset, got.case_id)) == sorted(
+        [("rome", "counterfact", 1), ("rome", "counterfact", 2), ("rome", "counterfact", 3),
+         ("c-rome", "counterfact", 1), ("c-rome", "counterfact", 2), ("rome", "zsre", 1)])
+
+
+def test_labels_follow_each_row_and_the_reference_editor():
+    got = label_cases(sweep_rows(rows(), "single_edit_ppl50", "m", ["rome", "c-rome"], CASES))
+    by = {(e, d, c): (case, ref) for e, d, c, case, ref in
+          zip(got.editor, got.dataset, got.case_id, got.case, got.reference_case)}
+    assert by[("rome", "counterfact", 1)] == ("collapse", "collapse")
+    assert by[("c-rome", "counterfact", 1)] == ("normal", "collapse")  # C-ROME on ROME's collapse case
+    assert by[("rome", "counterfact", 3)] == ("refused", "n/a")
+    assert by[("c-rome", "counterfact", 2)] == ("normal", "normal")
+
+
+def test_single_edit_table_counts_and_means():
+    table = single_edit_table(sweep_rows(rows(), "single_edit_ppl50", "m", ["rome", "c-rome"], CASES))
+    rome = table.loc[("rome", "counterfact")]
+    assert (rome.edits, rome.refused, rome.collapsed) == (2, 1, 1)
+    assert rome.collapse_rate == 0.5 and rome.max_ppl == 5000.0 and rome.median_ppl == 2550.0
+    assert math.isclose(rome.median_rel_change, (0.5 + 0.01) / 2)
+    c_rome = table.loc[("c-rome", "counterfact")]
+    assert (c_rome.edits, c_rome.refused, c_rome.collapsed, c_rome.efficacy) == (2, 0, 0, 0.5)
