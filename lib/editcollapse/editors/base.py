@@ -215,6 +215,24 @@ class Editor:
         return _Timed(self.clock, phase)
 
 
+def apply_state(lm: LoadedModel, tensors: dict[str, torch.Tensor], label: str = "state") -> EditResult:
+    """Write the given parameter values as one undoable edit (a resumed sequential run's saved weights)."""
+    tx = WeightTransaction(lm)
+    try:
+        for name, value in tensors.items():
+            p = tx.param(name)
+            if p.shape != value.shape:
+                raise EditError(f"saved {name} has shape {list(value.shape)}, the model's {list(p.shape)}")
+            with torch.no_grad():
+                p.copy_(value)
+        result = EditResult((), label, tx.saved, lm, tensor_changes(lm, tx.saved))
+        _LIVE.setdefault(lm.model, []).append(result)
+    except BaseException:
+        tx.restore()
+        raise
+    return result
+
+
 class _Timed:
     def __init__(self, clock: dict, phase: str):
         self.clock, self.phase = clock, phase

@@ -1,0 +1,143 @@
+"""Sequential editing on tiny models: one row per step, exact restore, resume after an interruption or a kill."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from editcollapse import data
+from editcollapse.editors import live_edits
+from editcollapse.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
+
+FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
+
+
+def cases(n=4):
+    return data.load_counterfact(n=n, seed=3)
+
+
+def snapshot(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def identical(lm, before):
+    return all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_param_change_by_hand():
+    w0 = torch.diag(torch.tensor([4.0, 2.0, 1.0]))
+    wt = torch.diag(torch.tensor([4.0, 2.0, 0.5]))
+    c = param_change(w0, wt)
+    assert c["delta_norm"] == pytest.approx(0.5)
+    assert c["rel_change"] == pytest.approx(0.5 / 21 ** 0.5)
+    assert c["norm_growth"] == pytest.approx(20.25 ** 0.5 / 21 ** 0.5)
+    assert (c["cond_0"], c["cond"]) == pytest.approx((4.0, 8.0))
+
+
+def test_a_run_has_one_row_per_step_and_restores_the_model(tiny_models, tmp_path):
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    store = sequential_store(tmp_path, "seq")
+    n = sequential_run(lm, "rome", cases(), store, run="normal", ppl_size=50, state_dir=tmp_path / "state",
+                       editor_kwargs=dict(hparams=FAST))
+    rows = store.read().sort_values("step")
+    assert n == 5 and rows.step.tolist() == [0, 1, 2, 3, 4]
+    assert identical(lm, before) and not live_edits(lm)
+    assert rows.cum_rel_change.iloc[0] == 0 and (rows.cum_rel_change.iloc[1:] > 0).all()
+    assert rows.tensors.iloc[-1].keys() == {lm.spec.module("mlp_out", 1) + ".weight"}
+    assert rows.edit_denominator.iloc[1:].notna().all() and rows.error.isna().all()
+    # a finished run writes nothing more
+    assert sequential_run(lm, "rome", cases(), store, run="normal", ppl_size=50, state_dir=tmp_path / "state",
+                          editor_kwargs=dict(hparams=FAST)) == 0
+
+
+def test_an_interrupted_run_resumes_without_repeating_or_losing_a_step(tiny_models, tmp_path, monkeypatch):
+    lm = tiny_models("tiny-gpt2")
+    before = snapshot(lm)
+    ref = sequential_store(tmp_path, "ref")
+    sequential_run(lm, "c-rome", cases(), ref, run="r", state_dir=tmp_path / "ref_state", editor_kwargs=dict(hparams=FAST))
+
+    store = sequential_store(tmp_path, "seq")
+    real_append, calls = type(store).append, {"n": 0}
+
+    def flaky(self, row):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the row of step 2, after its weights were saved
+            raise KeyboardInterrupt
+        real_append(self, row)
+
+    monkeypatch.setattr(type(store), "append", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sequential_run(lm, "c-rome", cases(), store, run="r", state_dir=tmp_path / "state",
+                       editor_kwargs=dict(hparams=FAST))
+    monkeypatch.undo()
+    assert identical(lm, before) and not live_edits(lm)
+    assert sorted(sequential_store(tmp_path, "seq").read().step) == [0, 1]
+    sequential_run(lm, "c-rome", cases(), sequential_store(tmp_path, "seq"), run="r", state_dir=tmp_path / "state",
+                   editor_kwargs=dict(hparams=FAST))
+    got, want = sequential_store(tmp_path, "seq").read().sort_values("step"), ref.read().sort_values("step")
+    assert got.step.tolist() == [0, 1, 2, 3, 4] and got.resumed.fillna(False).tolist() == [False, False, True, False, False]
+    assert got.ppl.tolist() == pytest.approx(want.ppl.tolist(), rel=1e-6)
+    assert identical(lm, before)
+
+
+def test_state_of_another_sequence_is_refused(tiny_models, tmp_path):
+    lm = tiny_models("tiny-llama")
+    store = sequential_store(tmp_path, "seq")
+    sequential_run(lm, "rome", cases(2), store, run="x", state_dir=tmp_path / "state", editor_kwargs=dict(hparams=FAST))
+    with pytest.raises(ValueError, match="belongs to another run"):
+        sequential_run(lm, "rome", cases(3), sequential_store(tmp_path, "other"), run="x", state_dir=tmp_path / "state",
+                       editor_kwargs=dict(hparams=FAST))
+
+
+def test_refused_edits_are_rows_and_downstream_is_taken_at_checkpoints(tiny_models, tmp_path):
+    lm = tiny_models("tiny-llama")
+    seq = cases(2)
+    seq.insert(1, dict(seq[0], case_id=-7, subject="Nowhere in the prompt"))
+    store, ds = sequential_store(tmp_path, "seq"), sequential_store(tmp_path, "ds", key=DOWNSTREAM_KEY)
+    sequential_run(lm, "rome", seq, store, run="x", state_dir=tmp_path / "state", editor_kwargs=dict(hparams=FAST),
+                   downstream_steps=(0, 3), downstream_store=ds, downstream_kwargs=dict(tasks=["piqa"], n=3))
+    rows = store.read().sort_values("step")
+    assert rows.error.notna().tolist() == [False, False, True, False]
+    assert sorted(set(ds.read().step)) == [0, 3] and set(ds.read().task) == {"piqa"}
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from editcollapse import data
+    from editcollapse.models import load_model
+    from editcollapse.sequential import sequential_run, sequential_store
+    out = sys.argv[1]
+    lm = load_model("tiny-llama", device="cpu")
+    sequential_run(lm, "rome", data.load_counterfact(n=12, seed=3), sequential_store(out, "seq"), run="k",
+                   state_dir=out + "/state", editor_kwargs=dict(hparams=dict(v_num_grad_steps=2,
+                   context_template_length_params=((4, 5),))))
+""")
+
+
+def test_killed_runs_lose_and_duplicate_nothing(tmp_path):
+    """SIGKILL at random moments (mid-edit, mid-save, mid-write), restart until done: steps 0..12 once each."""
+    rng, kills, env = random.Random(0), 0, dict(os.environ, OMP_NUM_THREADS="1")
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    for attempt in range(12):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(2.5, 5.0) if attempt < 8 else 120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0
+        break
+    rows = pd.read_json(tmp_path / "seq.jsonl", lines=True)
+    assert sorted(rows.step) == list(range(13)), f"after {kills} kills"
+    assert kills >= 3 and rows.resumed.fillna(False).sum() <= kills
