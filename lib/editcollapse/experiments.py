@@ -153,3 +153,32 @@ def downstream_rows(lm: LoadedModel, editor_name: str | None, case: dict | None,
     with edited(lm, EditRequest.from_case(case), editor):
         table = downstream.evaluate_all(lm, tasks=tasks, n=n, seed=seed)
     return [dict(r, case_id=case["case_id"], status="edited") for r in table.to_dict("records")]
+
+
+def hard_and_normal_cases(lm: LoadedModel, store: ResultStore, n: int, n_screen: int = 0, ppl_size: int = 50,
+                          seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """This model's hard cases (HardCF: CounterFact cases that one ROME edit collapses) and as many normal ones.
+
+    Hard cases come from the single-edit rows of `store` (experiment `single_edit_ppl<ppl_size>`);
+    with `n_screen`, that many first-token cases are edited with ROME first (rows reused when
+    present), since they are where ROME collapses. At most `n` hard cases are returned, by case_id;
+    the normal cases are a seeded random sample of the same size among cases whose subject is not
+    the first token and that are not hard (the paper's "equal amount of normal samples").
+    """
+    experiment = f"single_edit_ppl{ppl_size}"
+    cf = data.load_counterfact()
+    if n_screen:
+        single_edit_sweep(lm, "rome", first_token_cases(lm, cf, n_screen, seed), store, experiment=experiment,
+                          ppl_size=ppl_size)
+    rows = store.read()
+    if rows.empty or "collapsed" not in rows:
+        hard_ids = []
+    else:
+        hit = rows[(rows.experiment == experiment) & (rows.model == lm.spec.name) & (rows.editor == "rome")
+                   & (rows.dataset == "counterfact") & rows.error.isna() & (rows.collapsed == True)]  # noqa: E712
+        hard_ids = sorted(int(i) for i in hit.case_id)[:n]
+    by_id = {c["case_id"]: c for c in cf}
+    hard = [by_id[i] for i in hard_ids]
+    pool = [c for c in data.load_counterfact(n=20 * max(1, len(hard)), seed=seed)
+            if c["case_id"] not in set(hard_ids) and not subject_is_first_token(lm, c)]
+    return hard, sorted(pool[:len(hard)], key=lambda c: c["case_id"])

@@ -53,3 +53,48 @@ def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD)
     table.insert(1, "refused", refused)
     table.insert(3, "collapse_rate", table.collapsed / table.edits)
     return table
+
+
+def sequential_rows(rows: pd.DataFrame, model: str, editors, runs, experiment: str = "sequential") -> pd.DataFrame:
+    """The steps of the sequential runs `runs` of `editors` on `model`, sorted by editor, run and step."""
+    if rows.empty:
+        return rows
+    picked = rows[(rows.experiment == experiment) & (rows.model == model) & rows.editor.isin(list(editors))
+                  & rows.run.isin(list(runs))]
+    return picked.sort_values(["editor", "run", "step"]).reset_index(drop=True)
+
+
+def collapse_steps(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD) -> pd.DataFrame:
+    """Per (editor, run): steps, the first step whose perplexity exceeds the threshold (NaN: never),
+    perplexity before and after the last step, and the largest relative change of a touched tensor."""
+    def one(g):
+        over = g[g.ppl > threshold]
+        return pd.Series(dict(steps=int(g.step.max()), first_collapse_step=over.step.min() if len(over) else float("nan"),
+                              ppl_start=g.ppl[g.step == 0].iloc[0] if (g.step == 0).any() else float("nan"),
+                              ppl_end=g.ppl[g.step == g.step.max()].iloc[0], ppl_max=g.ppl.max(),
+                              refused=int(g.error.notna().sum()) if "error" in g else 0,
+                              cum_rel_change_end=g.cum_rel_change[g.step == g.step.max()].iloc[0],
+                              norm_growth_end=g.norm_growth[g.step == g.step.max()].iloc[0],
+                              cond_ratio_end=g.cond_ratio[g.step == g.step.max()].iloc[0]))
+    return rows.groupby(["editor", "run"])[list(rows.columns)].apply(one)
+
+
+def downstream_table(downstream: pd.DataFrame, steps: pd.DataFrame, original: pd.DataFrame | None = None,
+                     ppl_original: float | None = None) -> pd.DataFrame:
+    """The paper's table: one row per (cases, editor) at its last step with downstream scores, with
+    the original model on top (`original`: its task, metric, value rows); columns: perplexity at
+    that step, then each task's metrics."""
+    if downstream.empty:
+        return pd.DataFrame()
+    d = downstream.assign(column=downstream.task + " " + downstream.metric)
+    d = d[d.step == d.groupby(["run", "editor"]).step.transform("max")]
+    table = d.pivot_table(index=["run", "editor"], columns="column", values="value", aggfunc="first")
+    at = d.groupby(["run", "editor"]).step.max()
+    ppl = steps.set_index(["run", "editor", "step"]).ppl
+    table.insert(0, "perplexity", [ppl.get((r, e, at[(r, e)]), float("nan")) for r, e in table.index])
+    if original is not None:
+        top = original.assign(column=original.task + " " + original.metric).set_index("column").value
+        first = pd.DataFrame([dict(perplexity=ppl_original, **top)], index=pd.MultiIndex.from_tuples([("original", "")]))
+        table = pd.concat([first, table])
+    table.index.names = ["cases", "editor"]
+    return table

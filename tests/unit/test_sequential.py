@@ -141,3 +141,19 @@ def test_killed_runs_lose_and_duplicate_nothing(tmp_path):
     rows = pd.read_json(tmp_path / "seq.jsonl", lines=True)
     assert sorted(rows.step) == list(range(13)), f"after {kills} kills"
     assert kills >= 3 and rows.resumed.fillna(False).sum() <= kills
+
+
+def test_hard_cases_are_the_rome_collapse_cases_and_normal_ones_match_their_number(tiny_models, tmp_path):
+    from editcollapse.experiments import hard_and_normal_cases, results_store, subject_is_first_token
+
+    lm = tiny_models("tiny-gpt2")
+    store = results_store(tmp_path, "single_edit")
+    key = dict(experiment="single_edit_ppl50", model="tiny-gpt2", dataset="counterfact", error=None)
+    for case_id, editor, collapsed in [(10, "rome", True), (4, "rome", True), (7, "rome", False), (11, "c-rome", True),
+                                       (12, "rome", True)]:
+        store.append(dict(key, editor=editor, case_id=case_id, collapsed=collapsed))
+    store.append(dict(key, experiment="single_edit_ppl1000", editor="rome", case_id=13, collapsed=True))
+    hard, normal = hard_and_normal_cases(lm, store, n=2)
+    assert [c["case_id"] for c in hard] == [4, 10]
+    assert len(normal) == 2 and not {c["case_id"] for c in normal} & {4, 10, 12}
+    assert not any(subject_is_first_token(lm, c) for c in normal)

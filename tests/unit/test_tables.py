@@ -50,3 +50,37 @@ def test_single_edit_table_counts_and_means():
     assert math.isclose(rome.median_rel_change, (0.5 + 0.01) / 2)
     c_rome = table.loc[("c-rome", "counterfact")]
     assert (c_rome.edits, c_rome.refused, c_rome.collapsed, c_rome.efficacy) == (2, 0, 0, 0.5)
+
+
+def seq_rows():
+    out = []
+    for editor, run, ppls in [("rome", "hard", [100, 900, 5000, 7000]), ("rome", "normal", [100, 110, 120, 130]),
+                              ("memit", "hard", [100, 300, 200, 1500])]:
+        for step, ppl in enumerate(ppls):
+            out.append(dict(experiment="sequential", model="m", editor=editor, run=run, step=step, ppl=ppl, error=None,
+                            cum_rel_change=step * 0.1, norm_growth=1 + step * 0.01, cond_ratio=1 + step))
+    out.append(dict(out[0], model="other"))
+    return pd.DataFrame(out)
+
+
+def test_collapse_steps_finds_the_first_step_over_the_threshold():
+    from editcollapse.tables import collapse_steps, sequential_rows
+
+    table = collapse_steps(sequential_rows(seq_rows(), "m", ["rome", "memit"], ["hard", "normal"]))
+    assert table.loc[("rome", "hard")].first_collapse_step == 2
+    assert math.isnan(table.loc[("rome", "normal")].first_collapse_step)
+    assert table.loc[("memit", "hard")].first_collapse_step == 3
+    assert (table.loc[("rome", "hard")].ppl_end, table.loc[("rome", "hard")].cond_ratio_end) == (7000, 4)
+
+
+def test_downstream_table_takes_each_runs_last_step_and_the_original_on_top():
+    from editcollapse.tables import downstream_table
+
+    ds = pd.DataFrame([dict(run="hard", editor="rome", step=3, task="piqa", metric="acc", value=0.5),
+                       dict(run="hard", editor="rome", step=1, task="piqa", metric="acc", value=0.7),
+                       dict(run="normal", editor="rome", step=3, task="piqa", metric="acc", value=0.68)])
+    original = pd.DataFrame([dict(task="piqa", metric="acc", value=0.7)])
+    table = downstream_table(ds, seq_rows(), original, ppl_original=100.0)
+    assert table.index.tolist() == [("original", ""), ("hard", "rome"), ("normal", "rome")]
+    assert table["piqa acc"].tolist() == [0.7, 0.5, 0.68]
+    assert table.perplexity.tolist() == [100.0, 7000, 130]
