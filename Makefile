@@ -32,7 +32,7 @@ help:
 	@echo "make setup        install pinned dependencies into $(ENV_DIR)"
 	@echo "make test         setup, then the whole test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make test-unit    setup, then tests/unit only"
-	@echo "make reproduce    setup, then run notebooks/0*.ipynb headless: PROFILE=quick|paper ONLY=01,02 SET='key=value ...'"
+	@echo "make reproduce    setup, then run notebooks/0*.ipynb headless: PROFILE=quick|paper ONLY='01, 02' SET='key=value ...'"
 	@echo "make lab          JupyterLab from $(ENV_DIR)"
 	@echo "make strip        remove outputs from notebooks/*.ipynb (do it before committing)"
 	@echo "make clean        remove notebooks/executed, results/, caches (keeps data/ and figures/)"
@@ -60,8 +60,12 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# ONLY and SET reach the runner through the environment, each as one argument, so that a value with
+# spaces or quotes (SET="editors=[rome, c-rome]", ONLY="01, 02") arrives as written.
+reproduce: export EDITCOLLAPSE_ONLY := $(ONLY)
+reproduce: export EDITCOLLAPSE_SET := $(SET)
 reproduce: setup
-	$(PY) -m editcollapse.reproduce --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(addprefix --set ,$(SET))
+	$(PY) -m editcollapse.reproduce --profile $(PROFILE) $(if $(ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(SET),--set "$$EDITCOLLAPSE_SET")
 
 lab: setup
 	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -72,3 +76,11 @@ strip: setup
 clean:
 	rm -rf notebooks/executed .pytest_cache results/*
 	find . \( -path ./.venv -o -path ./.git \) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -prune -exec rm -rf {} +
+
+# MEND must be trained before it edits: `make train-mend MODEL=smollm2-135m STEPS=300` (PROFILE=paper:
+# the preset's longer run). The checkpoint goes to the user cache (cache_dir()/mend/<model>/), not git.
+MODEL ?= smollm2-135m
+STEPS ?=
+.PHONY: train-mend
+train-mend: setup
+	$(PY) -m editcollapse.editors.mend train --model $(MODEL) --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))

@@ -1,10 +1,12 @@
 """Shared fixtures: tiny random models (unit tests) and the shipped SmolLM2 (integration tests)."""
+import os
+
 import pytest
 import torch
 
 from editcollapse.models import load_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 on a shared machine
 
 
 @pytest.fixture(scope="session")

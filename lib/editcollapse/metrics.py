@@ -39,7 +39,9 @@ PROMPT_FIELDS = ("prompt", "rephrase_prompt", "locality_prompt")
 
 def target_ids(lm, target: str) -> list[int]:
     """Token ids of ``" " + target`` without BOS or other specials (the continuation scored)."""
-    if not isinstance(target, str) or not target.strip():
+    if not isinstance(target, str):
+        raise ValueError(f"target must be a string, not {type(target).__name__} {target!r:.80}")
+    if not target.strip():
         raise ValueError(f"target must be a non-empty string, got {target!r}")
     return lm.tok(" " + target, add_special_tokens=False)["input_ids"]
 
@@ -112,8 +114,11 @@ def _check_case(case: dict) -> None:
     missing = [f for f in CASE_FIELDS if f not in case]
     if missing:
         raise ValueError(f"edit case lacks field(s) {missing}; an edit case has {list(CASE_FIELDS)}")
+    for f in ("target_new", "ground_truth", "locality_ground_truth") + PROMPT_FIELDS:
+        if not isinstance(case[f], str):
+            raise ValueError(f"edit case field {f!r} must be a string, not {type(case[f]).__name__} {case[f]!r:.80}")
     for f in ("target_new", "ground_truth", "locality_ground_truth"):
-        if not isinstance(case[f], str) or not case[f].strip():
+        if not case[f].strip():
             raise ValueError(f"edit case field {f!r} is empty: {case[f]!r}")
     if case["dataset"] not in ("counterfact", "zsre"):
         raise ValueError(f"unknown edit dataset {case['dataset']!r}; use 'counterfact' or 'zsre'")

@@ -245,8 +245,15 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [r["Text"] for r in json.loads((data_dir() / "ME-PPL" / "ME-PPL_1k.json").read_text())]
-    cf = json.loads((data_dir() / "CounterFact" / "counterfact-val.json").read_text())
+    from .data import MissingDataError
+
+    me_ppl, val = data_dir() / "ME-PPL" / "ME-PPL_1k.json", data_dir() / "CounterFact" / "counterfact-val.json"
+    for path in (me_ppl, val):
+        if not path.is_file():
+            raise MissingDataError(f"missing data file {path}: the tiny test models train their tokenizer on it "
+                                   "(see data/README.md)")
+    texts = [r["Text"] for r in json.loads(me_ppl.read_text())]
+    cf = json.loads(val.read_text())
     texts += [f"{r['prompt']} {r['target_new']} {r['ground_truth']}" for r in cf]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_me_ppl
+from .data import ME_PPL_FILES, load_me_ppl
 from .models import LoadedModel
 
 COLLAPSE_THRESHOLD = 1000.0
@@ -64,6 +64,11 @@ def sentence_perplexities(lm: LoadedModel, texts: list[str], batch_size: int = 1
     """ppl(d) of every text, in the input order (batched by length, right padding, masks)."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"texts must all be strings; {len(bad)} of {len(texts)} are not, the first is "
+                         f"texts[{bad[0]}] = {texts[bad[0]]!r:.80} ({type(texts[bad[0]]).__name__})")
     lengths = [len(lm.token_ids(t)) for t in texts]
     short = [i for i, n in enumerate(lengths) if n < 2]
     if short:
@@ -86,15 +91,21 @@ def sentence_perplexities(lm: LoadedModel, texts: list[str], batch_size: int = 1
 
 def me_ppl(lm: LoadedModel, size: int = 50, batch_size: int = 16, progress: bool = True) -> dict:
     """ME-PPL perplexity: mean and median of ppl(d) over the ME-PPL_{size} sentences."""
-    ppl = sentence_perplexities(lm, load_me_ppl(size), batch_size=batch_size, progress=progress)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) not in ME_PPL_FILES:
+        raise ValueError(f"size must be one of the ints {', '.join(map(str, ME_PPL_FILES))} (ME-PPL_50, ME-PPL_1k, "
+                         f"the full ME-PPL), not {size!r} ({type(size).__name__})")
+    ppl = sentence_perplexities(lm, load_me_ppl(int(size)), batch_size=batch_size, progress=progress)
     return dict(mean=float(np.mean(ppl)), median=float(np.median(ppl)), n=len(ppl))
 
 
 def is_collapsed(ppl, threshold: float = COLLAPSE_THRESHOLD):
     """Collapse test of the papers: perplexity > threshold (inf and NaN count as collapsed)."""
-    arr = np.asarray(ppl, dtype=float)
-    if threshold < 1:
-        raise ValueError(f"threshold must be a perplexity (>= 1), not {threshold}")
+    arr = np.asarray(ppl)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"is_collapsed needs a perplexity or an array of them (numbers), not {ppl!r:.80}")
+    arr = arr.astype(float)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not threshold >= 1:
+        raise ValueError(f"threshold must be a perplexity (a number >= 1), not {threshold!r}")
     if (arr < 1).any():
         raise ValueError(f"a perplexity is >= 1 (exp of a mean NLL >= 0); got {arr[arr < 1][:5]}")
     flags = np.isnan(arr) | (arr > threshold)

@@ -4,16 +4,26 @@ Each ``notebooks/0*.ipynb`` runs in name order in the interpreter that runs this
 ``python3``, which jupyter_client starts as ``sys.executable``), with ``notebooks/`` as working
 directory, as in JupyterLab. Parameters come from ``notebooks/params/<profile>.yaml``: the ``common``
 section, then the section named after the notebook (e.g. ``01_pilot_observation``), then
-``--set key=value`` overrides (values parsed as YAML). ``common`` and ``--set`` keys go to the
-notebooks whose ``parameters`` cell declares them. Executed copies go to ``notebooks/executed/<profile>/``.
+``--set key=value`` overrides (values parsed as YAML; one ``--set`` may hold several pairs separated by
+spaces, ``--set "n_zsre=2 editors=[rome, c-rome]"``). ``common`` and ``--set`` keys go to the notebooks
+whose ``parameters`` cell declares them. Before any notebook starts, every override is checked against
+the types that parameter has in the profiles and in the parameters cells (``n_cases=abc`` is refused).
+Executed copies go to ``notebooks/executed/<profile>/``.
+
+Progress: in the kernel, ``tqdm.auto`` bars are text on stderr (not widgets), which the runner copies to
+its own stderr as they come; they are then removed from the executed copy, which keeps only the
+notebook's own output.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 import sys
 import time
 from pathlib import Path
 
+import nbformat
 import papermill
 import yaml
 
@@ -43,15 +53,85 @@ def load_profile(name: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict:
     return profile
 
 
+def split_assignments(text: str) -> list[str]:
+    """``"n=5 editors=[rome, c-rome]"`` -> ``["n=5", "editors=[rome, c-rome]"]``: splits at whitespace that is
+    outside brackets and quotes and followed by ``name=``; other whitespace belongs to the value."""
+    parts, start, depth, quote = [], 0, 0, None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"" and text[:i].rstrip()[-1:] in ("", "=", "[", "{", ",", ":"):  # a YAML quoted scalar starts
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch.isspace() and depth <= 0 and re.match(r"\s+[A-Za-z_]\w*=", text[i:]):
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts + [text[start:]] if p.strip()]
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """``["n_cases=5", "editors=[rome]"]`` -> {"n_cases": 5, "editors": ["rome"]} (values parsed as YAML)."""
+    """``["n_cases=5 editors=[rome, c-rome]"]`` -> {"n_cases": 5, "editors": ["rome", "c-rome"]} (YAML values)."""
     overrides = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--set expects key=value with a Python name as key, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        for pair in split_assignments(item):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.isidentifier():
+                raise ValueError(f"--set expects key=value with a Python name as key, got {pair!r}")
+            try:
+                overrides[key] = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ValueError(f"--set {key}: {value!r} is not a YAML value ({err})".replace("\n", " ")) from None
     return overrides
+
+
+def parse_only(text: str) -> list[str]:
+    """``"01, 02"`` / ``"01,02"`` / ``"01 02"`` -> ``["01", "02"]``; an empty selection is an error."""
+    only = [x for x in re.split(r"[,\s]+", text) if x]
+    if not only:
+        raise ValueError(f"--only needs notebook numbers or names, e.g. 01,02 (got {text!r}); leave it out to run all")
+    return only
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def parameter_examples(notebooks_dir: Path, defaults: dict[str, dict]) -> dict[str, list]:
+    """{parameter: values it takes in any profile (``params/*.yaml``) or as a parameters-cell default}."""
+    examples: dict[str, list] = {}
+    for path in sorted((notebooks_dir / "params").glob("*.yaml")):
+        for section in (yaml.safe_load(path.read_text()) or {}).values():
+            for key, value in (section or {}).items():
+                examples.setdefault(key, []).append(value)
+    for params in defaults.values():
+        for key, info in params.items():
+            try:
+                examples.setdefault(key, []).append(ast.literal_eval(info["default"]))
+            except (ValueError, SyntaxError):  # an expression, not a literal: no type to compare with
+                pass
+    return examples
+
+
+def check_types(overrides: dict, examples: dict[str, list]) -> None:
+    """Refuse an override whose type (or list-element type) is none of those its parameter has elsewhere;
+    an int is accepted where a float is."""
+    def fits(value, kinds: set) -> bool:
+        return _kind(value) in kinds or (_kind(value) == "int" and "float" in kinds)
+
+    for key, value in overrides.items():
+        known = examples.get(key, [])
+        kinds = {_kind(v) for v in known}
+        items = {_kind(x) for v in known if isinstance(v, list) for x in v}
+        if kinds and not fits(value, kinds):
+            raise ValueError(f"--set {key}={value!r}: parameter {key!r} expects {' or '.join(sorted(kinds))} "
+                             f"(its values in the profiles and the parameters cells: {known}), "
+                             f"got the {_kind(value)} {value!r}")
+        if isinstance(value, list) and items and not all(fits(x, items) for x in value):
+            raise ValueError(f"--set {key}={value!r}: parameter {key!r} expects a list of "
+                             f"{' or '.join(sorted(items))} (as in {known}), got {value!r}")
 
 
 def notebook_parameters(profile: dict, stem: str, declared: set[str], overrides: dict) -> dict:
@@ -74,8 +154,10 @@ def find_notebooks(only: list[str] | None = None, notebooks_dir: Path = NOTEBOOK
     notebooks = sorted(notebooks_dir.glob("0*.ipynb"))
     if not notebooks:
         raise NotebookError(f"no notebooks match {notebooks_dir}/0*.ipynb")
-    if not only:
+    if only is None:
         return notebooks
+    if isinstance(only, str) or not only:
+        raise ValueError(f"only must be a non-empty list of notebook numbers or names, not {only!r} (None: all)")
 
     def picked(stem: str, key: str) -> bool:
         return stem == key or stem.startswith(f"{key}_")
@@ -86,14 +168,66 @@ def find_notebooks(only: list[str] | None = None, notebooks_dir: Path = NOTEBOOK
     return [p for p in notebooks if any(picked(p.stem, key) for key in only)]
 
 
+# tqdm (a tqdm progress line): "[elapsed<remaining, rate]" or "[elapsed, rate]"
+PROGRESS_LINE = re.compile(r"\[\d+:\d\d(:\d\d)?(<|,|\])")
+CURSOR_MOVE = re.compile(r"\x1b\[\d*[ABCDK]")  # what tqdm writes to place nested bars; colours stay
+# Run in the kernel at start (in a namespace of its own): tqdm.auto bars as text on stderr, at most one update
+# a second, so that they reach the runner's stderr and strip_progress can remove them from the saved copy.
+KERNEL_SETUP = """
+import os, warnings
+os.environ.setdefault("TQDM_MININTERVAL", "1")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import tqdm.asyncio, tqdm.auto, tqdm.autonotebook
+tqdm.auto.tqdm = tqdm.autonotebook.tqdm = tqdm.asyncio.tqdm
+tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.asyncio.trange
+"""
+
+
+def strip_progress(nb) -> int:
+    """Remove progress bars from an executed notebook: tqdm lines in stderr streams (what a terminal would
+    show last on each line), the cursor moves of nested bars, and tqdm widgets. Returns the number of
+    outputs changed or removed."""
+    changed = 0
+    for cell in nb.cells:
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and out.name == "stderr":
+                shown = [line.split("\r")[-1] for line in CURSOR_MOVE.sub("", out.text).split("\n")]
+                text = "\n".join(line for line in shown if not PROGRESS_LINE.search(line)).lstrip("\n")
+                if text != out.text:
+                    changed += 1
+                    if not text.strip():
+                        continue
+                    out.text = text
+            elif (out.output_type == "display_data" and "application/vnd.jupyter.widget-view+json" in out.data
+                  and PROGRESS_LINE.search(str(out.data.get("text/plain", "")))):
+                changed += 1
+                continue
+            kept.append(out)
+        if "outputs" in cell:
+            cell.outputs = kept
+    return changed
+
+
+def _strip_file(path: Path) -> None:
+    if path.exists():
+        nb = nbformat.read(path, as_version=4)
+        if strip_progress(nb):
+            nbformat.write(nb, path)
+
+
 def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None) -> list[tuple[str, float]]:
     """Execute the selected notebooks in order; returns [(notebook stem, wall seconds)].
-    Stops at the first failure with a NotebookError naming the notebook."""
+    Everything is checked before the first notebook starts. Stops at the first failure with a
+    NotebookError naming the notebook."""
     profile = load_profile(profile_name, notebooks_dir)
     overrides = overrides or {}
-    declared = {p.stem: set(papermill.inspect_notebook(str(p))) for p in find_notebooks(None, notebooks_dir)}
+    defaults = {p.stem: papermill.inspect_notebook(str(p)) for p in find_notebooks(None, notebooks_dir)}
+    declared = {stem: set(params) for stem, params in defaults.items()}
     notebooks = find_notebooks(only, notebooks_dir)
+    check_types(overrides, parameter_examples(notebooks_dir, defaults))
     for kind, keys, stems in (("common", profile["common"], list(declared)),
                               ("--set", overrides, [p.stem for p in notebooks])):
         unused = sorted(k for k in keys if not any(k in declared[stem] for stem in stems))
@@ -109,26 +243,38 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
         start = time.perf_counter()
         try:
             papermill.execute_notebook(str(path), str(out), parameters=params[path.stem], kernel_name=KERNEL,
-                                       cwd=str(notebooks_dir), start_timeout=180)
+                                       cwd=str(notebooks_dir), start_timeout=180, progress_bar=False,
+                                       stderr_file=sys.stderr,
+                                       extra_arguments=[f"--IPKernelApp.exec_lines=exec({KERNEL_SETUP!r}, {{}})"])
         except papermill.PapermillExecutionError as err:
             raise NotebookError(f"notebook {path.stem} failed at cell [{err.exec_count}] after "
                                 f"{time.perf_counter() - start:.1f} s: {err.ename}: {err.evalue}\n"
                                 f"traceback in the executed copy: {out}") from err
         except Exception as err:  # a dead kernel, a kernel that did not start, a timeout
             raise NotebookError(f"notebook {path.stem} failed: {type(err).__name__}: {err}") from err
+        finally:
+            _strip_file(out)
         timings.append((path.stem, time.perf_counter() - start))
         print(f"[{i}/{len(notebooks)}] {path.stem} done in {timings[-1][1]:.1f} s -> {out}", flush=True)
     return timings
+
+
+def _only_arg(text: str) -> list[str]:
+    try:
+        return parse_only(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m editcollapse.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick", help="notebooks/params/<profile>.yaml (quick | paper)")
-    parser.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
-                        help="comma-separated notebook numbers or names, e.g. 01,02")
+    parser.add_argument("--only", type=_only_arg,
+                        help="notebook numbers or names separated by commas or spaces, e.g. 01,02")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter (YAML value), e.g. --set model=llama2-7b; repeatable")
+                        help="override parameters (YAML values), e.g. --set model=llama2-7b or "
+                             "--set \"n_zsre=2 editors=[rome, c-rome]\"; repeatable")
     args = parser.parse_args(argv)
     try:
         timings = run(args.profile, args.only, parse_overrides(args.overrides))

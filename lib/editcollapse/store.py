@@ -1,35 +1,70 @@
 """Append-only results table (JSON Lines) keyed by a tuple of columns, for resumable sweeps.
 
-Each row is one line written with a single write + flush + fsync, so a killed process leaves
-at most a truncated last line. Opening the store drops such a line (with a warning): its row
-is not in `done()` and gets redone. One writer per file.
+Writing. One process writes a store at a time. The first write (`append`, `run_cases`, `writing()`)
+takes an exclusive lock on ``<name>.jsonl.lock`` (``fcntl.flock``; local file systems) and keeps it
+until `close()`, the end of `run_cases` / `writing()`, or the death of the process. A second writer
+fails at once with `StoreLocked`, which names the holder's pid. Each row is one line, written with a
+single write + flush + fsync, so a killed writer leaves at most one incomplete last line.
+
+Reading (`done()`, `read()`) takes no lock and never changes the file. A line that does not parse as
+a JSON object (a write cut short, binary garbage, ``42``) is skipped with a warning that names the
+file and the line. The next writer moves such lines to ``<name>.jsonl.rejected``: they are kept,
+never deleted. A complete last row without its newline is a row like any other. Lines that repeat
+a key are reported when the store is opened; `read()` keeps the last of them. A JSON object that
+lacks a key column is an error (`StoreError`): the file was probably opened with the wrong key.
+
+Sharding one sweep over n processes (e.g. one per GPU), all given the same items:
+
+    run_cases(store, items, fn, key_of, shard=(i, n))   # in process i = 0 .. n-1
+    merge_shards(store)                                  # once, after all n have finished
+
+Process i runs the items whose key hashes to i (mod n), by SHA-256 of the key, the same in every
+process; it skips keys already in the main store and writes its own file ``<name>.shard-i-of-n.jsonl``
+(a killed shard resumes like any sweep). `merge_shards` appends the shard rows that the main store
+lacks, without duplicates, then removes the shard files; it refuses while a shard is still written.
 
 Values are converted to JSON: numpy scalars and arrays and torch tensors become Python
 numbers and lists, tuples become lists. NaN and +-inf are written as Python's json writes
 them (`NaN`, `Infinity`, `-Infinity`, outside strict JSON) and read back as floats.
-Key columns must hold scalars (str, int, float, bool or None); values that compare equal in
-Python (3, 3.0, numpy.int64(3)) are the same key, while '3' and 3 are not.
+Key columns must hold scalars (str, int, float, bool or None, not NaN); values that compare equal
+in Python (3, 3.0, numpy.int64(3)) are the same key, while '3' and 3 are not.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import math
 import os
+import socket
+import sys
+import threading
 import warnings
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 _SCALARS = (str, int, float, bool, type(None))
+
+
+class StoreError(ValueError):
+    """A results file that cannot be read as this store (the message names the file and the line)."""
+
+
+class StoreLocked(StoreError):
+    """Another process is writing the store."""
 
 
 def _to_json(obj):
     """`default` hook of json.dumps: numpy and torch values as Python numbers or lists."""
     if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only where torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.detach().cpu().tolist()
     raise TypeError(f"cannot store a value of type {type(obj).__name__} as JSON: {obj!r:.80}")
 
@@ -38,6 +73,63 @@ def _dumps(obj) -> str:
     return json.dumps(obj, default=_to_json, allow_nan=True, ensure_ascii=False)
 
 
+def _encode(row: dict) -> bytes:
+    """One row as UTF-8 JSON."""
+    line = _dumps(row)
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the row holds text that is not valid Unicode ({e.reason}: {line[e.start:e.end]!r} in "
+                         f"...{line[max(0, e.start - 40):e.start]}); UTF-8 cannot store it") from None
+
+
+def _append_bytes(path: Path, data: bytes) -> None:
+    """One write, flushed and fsynced (the crash tests replace this to die half-way)."""
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- the one-writer lock
+_HELD: dict[str, list] = {}  # lock file -> [fd, number of stores of this process holding it]
+_HELD_GUARD = threading.Lock()
+
+
+def _lock(lock_path: Path, data_path: Path) -> str:
+    """Take (or share within this process) the exclusive flock on `lock_path`; StoreLocked if another process has it."""
+    name = os.path.realpath(lock_path)
+    with _HELD_GUARD:
+        if name in _HELD:
+            _HELD[name][1] += 1
+            return name
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "pid unknown"
+            os.close(fd)
+            raise StoreLocked(f"{data_path} is being written by another process ({holder}; lock {name}). One "
+                              "writer per store: wait for it to finish, or shard the sweep with "
+                              "run_cases(..., shard=(i, n))") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        _HELD[name] = [fd, 1]
+        return name
+
+
+def _unlock(name: str) -> None:
+    with _HELD_GUARD:
+        entry = _HELD.get(name)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[name]
+            os.close(entry[0])  # releases the flock
+
+
+# ---------------------------------------------------------------- the store
 class ResultStore:
     """Rows in a JSONL file at `path`; a row's identity is its values in the `key` columns."""
 
@@ -47,32 +139,81 @@ class ResultStore:
             raise ValueError(f"key must be a non-empty tuple of column names, not {key!r}")
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
-        self._done = {self._key_of(r) for r in self._rows()}
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.rejected_path = self.path.with_name(self.path.name + ".rejected")
+        self._lock_name: str | None = None
+        self._release = None
+        self._load(warn=True)
 
-    def _repair(self):
-        """Cut a truncated last line (no trailing newline), left by a process killed mid-write."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            warnings.warn(f"{self.path}: dropped a truncated last line ({len(data) - keep} bytes); "
-                          "its row will be redone", RuntimeWarning, stacklevel=3)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
+    # -- reading
+    def _bytes(self) -> bytes:
+        return self.path.read_bytes() if self.path.exists() else b""
 
-    def _rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        rows = []
-        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+    def _scan(self, data: bytes):
+        """(rows [(line number, row, key)], lines that are not rows [(line number, bytes, why)])."""
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        rows, bad = [], []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path}, line {i}: not a JSON row ({e}); fix or remove the line") from e
-        return rows
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                why = f"not UTF-8 ({e.reason} at byte {e.start})"
+            except (ValueError, RecursionError) as e:
+                why = f"not JSON ({e})"
+            else:
+                if isinstance(row, dict):
+                    try:
+                        rows.append((i, row, self._key_of(row)))
+                    except (KeyError, ValueError) as e:
+                        raise StoreError(f"{self.path}, line {i}: {e.args[0]} (is {self.key} the key of this "
+                                         "file?)") from None
+                    continue
+                why = f"a JSON {type(row).__name__}, not an object"
+            if i == len(lines) and not data.endswith(b"\n"):
+                why += "; an incomplete last line, as a killed writer leaves"
+            bad.append((i, line, why))
+        return rows, bad
+
+    def _load(self, warn: bool = False) -> None:
+        data = self._bytes()
+        rows, bad = self._scan(data)
+        self._done = {k for _, _, k in rows}
+        self._sig = self._stat()
+        self._ends_clean = not data or data.endswith(b"\n")
+        if not warn:
+            return
+        if bad:
+            self._warn_bad(bad, "skipped; the next writer moves them to " + str(self.rejected_path))
+        repeats = len(rows) - len(self._done)
+        if repeats:
+            seen, dup = set(), []
+            for _, _, k in rows:
+                if k in seen and k not in dup:
+                    dup.append(k)
+                seen.add(k)
+            warnings.warn(f"{self.path}: {repeats} line(s) repeat the key of an earlier line (read() keeps the "
+                          f"last of each): {[dict(zip(self.key, k)) for k in dup[:10]]}"
+                          f"{' ...' if len(dup) > 10 else ''}", RuntimeWarning, stacklevel=3)
+
+    def _warn_bad(self, bad, what: str) -> None:
+        where = "; ".join(f"line {i}: {why}" for i, _, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        warnings.warn(f"{self.path}: {len(bad)} line(s) are not rows ({where}); {what}", RuntimeWarning, stacklevel=4)
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _refresh(self) -> None:
+        """Re-read the file if it changed since this object last read or wrote it."""
+        if self._stat() != self._sig:
+            self._load()
 
     def _key_of(self, row: dict) -> tuple:
         missing = [k for k in self.key if k not in row]
@@ -88,52 +229,158 @@ class ResultStore:
         out = tuple(json.loads(_dumps(list(values))))
         if not all(isinstance(v, _SCALARS) for v in out):
             raise ValueError(f"key values must be scalars (str, int, float, bool, None), not {out!r}")
+        if any(isinstance(v, float) and math.isnan(v) for v in out):
+            raise ValueError(f"key values must not be NaN (NaN equals nothing, not even itself): {out!r}")
         return out
 
     def done(self) -> set[tuple]:
-        """Keys of the rows already stored."""
+        """Keys of the rows stored now."""
+        self._refresh()
         return set(self._done)
-
-    def append(self, row: dict):
-        """Write one row (a dict of JSON-convertible values) durably; its key must be new."""
-        line = _dumps(row)
-        k = self._key_of(json.loads(line))
-        if k in self._done:
-            raise ValueError(f"key {dict(zip(self.key, k))} is already stored in {self.path}")
-        with open(self.path, "ab") as f:
-            f.write((line + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        self._done.add(k)
 
     def read(self) -> pd.DataFrame:
         """All rows, key columns first; a duplicated key keeps its last row."""
-        df = pd.DataFrame(self._rows())
+        rows, bad = self._scan(self._bytes())
+        if bad:
+            self._warn_bad(bad, "skipped")
+        df = pd.DataFrame([row for _, row, _ in rows])
         if df.empty:
             return pd.DataFrame(columns=list(self.key))
         rest = [c for c in df.columns if c not in self.key]
         df = df.drop_duplicates(subset=list(self.key), keep="last")
         return df[list(self.key) + rest].reset_index(drop=True)
 
+    # -- writing
+    def _become_writer(self) -> None:
+        if self._lock_name is not None:
+            return
+        self._lock_name = _lock(self.lock_path, self.path)
+        self._release = weakref.finalize(self, _unlock, self._lock_name)
+        self._set_aside()
+        self._refresh()
 
-def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None) -> int:
+    def _set_aside(self) -> None:
+        """Move the lines that are not rows to `rejected_path` (appended, fsynced), then drop them from the file."""
+        data = self._bytes()
+        _, bad = self._scan(data)
+        if not bad:
+            return
+        _append_bytes(self.rejected_path, b"".join(line + b"\n" for _, line, _ in bad))
+        drop = {i for i, _, _ in bad}
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(line + b"\n" for i, line in enumerate(lines, 1) if i not in drop))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._warn_bad(bad, f"moved them to {self.rejected_path}")
+
+    def close(self) -> None:
+        """Release the writer's lock (reading goes on working; a later write takes the lock again)."""
+        if self._release is not None:
+            self._release()
+        self._lock_name = self._release = None
+
+    @contextmanager
+    def writing(self):
+        """Hold the writer's lock for the block (fails at once with StoreLocked if another process has it)."""
+        held = self._lock_name is not None
+        self._become_writer()
+        try:
+            yield self
+        finally:
+            if not held:
+                self.close()
+
+    def append(self, row: dict):
+        """Write one row (a dict of JSON-convertible values) durably; its key must be new.
+
+        Makes this store the writer (see the module docstring) until `close()`.
+        """
+        line = _encode(row)
+        k = self._key_of(json.loads(line))
+        self._become_writer()
+        self._refresh()
+        if k in self._done:
+            raise ValueError(f"key {dict(zip(self.key, k))} is already stored in {self.path}")
+        _append_bytes(self.path, (b"" if self._ends_clean else b"\n") + line + b"\n")
+        self._done.add(k)
+        self._sig, self._ends_clean = self._stat(), True
+
+    def shard(self, i: int, n: int) -> "ResultStore":
+        """The store of shard i of n: ``<name>.shard-i-of-n.jsonl`` next to this one, same key."""
+        if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+            raise ValueError(f"shard must be (i, n) with integers 0 <= i < n, not {(i, n)!r}")
+        return ResultStore(self.path.with_name(f"{self.path.stem}.shard-{i}-of-{n}{self.path.suffix}"), self.key)
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.stem}.shard-*-of-*{self.path.suffix}"))
+
+
+def shard_of(key: tuple, n: int) -> int:
+    """The shard (0..n-1) of a normalized key: SHA-256 of its JSON, equal keys (3, 3.0, True) alike."""
+    canon = [int(v) if isinstance(v, bool) or (isinstance(v, float) and v.is_integer()) else v for v in key]
+    return int.from_bytes(hashlib.sha256(_dumps(canon).encode("utf-8", "surrogatepass")).digest()[:8], "big") % n
+
+
+def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None,
+              shard: tuple[int, int] | None = None) -> int:
     """Call fn(item) -> row for every item whose key_of(item) is not done yet; append each row.
 
     Key columns missing from the row are filled from key_of(item); a row whose key differs
-    from key_of(item) is an error (it would be redone forever). Returns the rows written.
+    from key_of(item) is an error (it would be redone forever). The store's lock is held
+    throughout, so a second writer fails before any work. With ``shard=(i, n)`` only the items
+    of shard i are run, into ``store.shard(i, n)`` (see the module docstring). Returns the rows written.
     """
-    done, pending, seen = store.done(), [], set()
-    for item in items:
-        k = store.normalize_key(key_of(item))
-        if k in seen:
-            raise ValueError(f"two items share the key {dict(zip(store.key, k))}")
-        seen.add(k)
-        if k not in done:
-            pending.append((k, item))
-    label = f"{desc or store.path.stem} ({len(seen) - len(pending)} done before)"
-    for k, item in tqdm(pending, desc=label):
-        row = {**dict(zip(store.key, k)), **fn(item)}
-        if store.normalize_key([row[c] for c in store.key]) != k:
-            raise ValueError(f"fn returned a row keyed {[row[c] for c in store.key]} for the item keyed {list(k)}")
-        store.append(row)
+    target = store if shard is None else store.shard(*shard)
+    with target.writing():
+        done = target.done() | (store.done() if shard is not None else set())
+        pending, seen = [], set()
+        for item in items:
+            k = store.normalize_key(key_of(item))
+            if k in seen:
+                raise ValueError(f"two items share the key {dict(zip(store.key, k))}")
+            seen.add(k)
+            if k not in done and (shard is None or shard_of(k, shard[1]) == shard[0]):
+                pending.append((k, item))
+        ran = "" if shard is None else f"shard {shard[0]} of {shard[1]}, "
+        label = f"{desc or store.path.stem} ({ran}{len(seen & done)} done before)"
+        for k, item in tqdm(pending, desc=label):
+            row = {**dict(zip(store.key, k)), **fn(item)}
+            if store.normalize_key([row[c] for c in store.key]) != k:
+                raise ValueError(f"fn returned a row keyed {[row[c] for c in store.key]} for the item keyed {list(k)}")
+            target.append(row)
     return len(pending)
+
+
+def merge_shards(store: ResultStore) -> int:
+    """Append to `store` the rows of its shard files that it lacks (a duplicated key keeps its last
+    row, as `read()` does), then delete the shard files. A shard still being written raises
+    StoreLocked before anything changes. Returns the rows added."""
+    shards = [ResultStore(p, store.key) for p in store.shard_paths()]
+    added = 0
+    with store.writing():
+        try:
+            for s in shards:
+                s._become_writer()
+            for s in shards:
+                rows, _ = s._scan(s._bytes())
+                for k, row in {k: row for _, row, k in rows}.items():
+                    if k not in store.done():
+                        store.append(row)
+                        added += 1
+            for s in shards:
+                s.path.unlink()
+                s.lock_path.unlink(missing_ok=True)
+        finally:
+            for s in shards:
+                s.close()
+    return added

@@ -4,14 +4,17 @@ Undo is bit-identical and ordered; bad requests are refused with the model untou
 interrupted after it wrote is rolled back; the common diagnostics schema holds; a sweep turns
 refusals and failures into rows with `error` set.
 """
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from editcollapse import experiments
+from editcollapse import data, experiments
 from editcollapse.editors import EDITORS, EditError, EditRequest, EditStack, edited, get_editor, live_edits
-from editcollapse.editors import base
+from editcollapse.editors import base, mend
+from editcollapse.models import load_model
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 # Few optimisation steps: the contract is about bookkeeping, not about edit quality.
@@ -19,6 +22,10 @@ FAST = {
     "rome": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
     "c-rome": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
     "c-rome-prefix": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
+    "memit": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
+    "alphaedit": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
+    "ft-linf": dict(num_steps=2),
+    "mend": {},
 }
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk", case_id=1)
 REQ2 = EditRequest("The capital of France is", "France", "Rome", "Paris", case_id=2)
@@ -33,8 +40,17 @@ BAD = [
 ]
 
 
+@functools.cache
+def mend_checkpoints():
+    """MEND needs a trained checkpoint: one per tiny architecture, trained for 4 steps (seconds)."""
+    cases = data.load_counterfact("train", n=20)
+    return {arch: mend.train(lm, mend.MEND().hparams_for(lm), steps=4, cases=cases, progress=False)
+            for arch, lm in ((arch, load_model(arch, device="cpu")) for arch in ARCHS)}
+
+
 def editor(name, **hparams):
-    return get_editor(name, hparams={**FAST.get(name, {}), **hparams})
+    extra = {"checkpoint": mend_checkpoints()} if name == "mend" else {}
+    return get_editor(name, hparams={**FAST.get(name, {}), **hparams}, **extra)
 
 
 def snapshot(lm):
@@ -208,7 +224,8 @@ def test_fuzzed_subjects_inside_their_prompt_edit_or_are_refused_cleanly(tiny_mo
     lm = tiny_models("tiny-llama")
     snap = snapshot(lm)
     try:
-        result = editor(name, v_num_grad_steps=1).apply(lm, EditRequest(before + subject + after, subject, target))
+        one_step = {"v_num_grad_steps": 1} if "v_num_grad_steps" in FAST[name] else {}
+        result = editor(name, **one_step).apply(lm, EditRequest(before + subject + after, subject, target))
     except EditError as e:
         event(f"refused: {str(e).split(' ')[0:2]}")
         assert identical(lm, snap) and not live_edits(lm)

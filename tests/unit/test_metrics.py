@@ -187,6 +187,16 @@ def test_errors(tiny_models):
         edit_metrics(lm, c | dict(target_new=""))
     with pytest.raises(ValueError, match="'ground_truth' is empty"):
         locality_reference(lm, c | dict(ground_truth="  "))
+    with pytest.raises(ValueError, match="'target_new' must be a string, not int 5"):
+        edit_metrics(lm, c | dict(target_new=5))
+    with pytest.raises(ValueError, match="'locality_ground_truth' must be a string, not NoneType None"):
+        locality_reference(lm, c | dict(locality_ground_truth=None))
+    with pytest.raises(ValueError, match="'rephrase_prompt' must be a string, not list"):
+        edit_metrics(lm, c | dict(rephrase_prompt=["a"]))
+    with pytest.raises(ValueError, match="target must be a string, not int 5"):
+        target_nll(lm, PROMPTS[:1], [5])
+    with pytest.raises(ValueError, match="target must be a non-empty string"):
+        target_ids(lm, " ")
     with pytest.raises(ValueError, match="unknown edit dataset"):
         edit_metrics(lm, c | dict(dataset="mquake"))
     with pytest.raises(ValueError, match="2 prompts but 1 targets"):

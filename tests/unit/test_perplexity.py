@@ -88,6 +88,27 @@ def test_bad_inputs(tiny_models):
         sentence_perplexities(lm, [" Paris" * 300], progress=False)
 
 
+def test_misleading_inputs_get_clear_errors(tiny_models, monkeypatch):
+    lm = tiny_models("tiny-gpt2")
+    with pytest.raises(ValueError, match=r"1 of 1 are not, the first is texts\[0\] = None \(NoneType\)"):
+        sentence_perplexities(lm, [None], progress=False)
+    with pytest.raises(ValueError, match=r"2 of 3 are not, the first is texts\[1\] = 5 \(int\)"):
+        sentence_perplexities(lm, ["Paris is nice", 5, b"bytes"], progress=False)
+    for bad in (None, [None], [1.0, None], "5", [True], {"ppl": 5.0}):
+        with pytest.raises(ValueError, match="is_collapsed needs a perplexity or an array of them"):
+            is_collapsed(bad)
+    for threshold in (None, "1000", float("nan"), 0.5, True):
+        with pytest.raises(ValueError, match="threshold must be a perplexity"):
+            is_collapsed(5.0, threshold=threshold)
+    for size in ("50", 50.0, True, 100, None):
+        with pytest.raises(ValueError, match=rf"size must be one of the ints 50, 1000, 10000 .*not {size!r:.4}"):
+            me_ppl(lm, size=size, progress=False)
+    asked = []
+    monkeypatch.setattr("editcollapse.perplexity.load_me_ppl", lambda size: asked.append(size) or TEXTS)
+    me_ppl(lm, size=np.int64(50), progress=False)
+    assert asked == [50] and type(asked[0]) is int
+
+
 def test_collapse_flags():
     assert not is_collapsed(999.0) and not is_collapsed(1000.0) and is_collapsed(1000.5)
     assert is_collapsed(float("inf")) and is_collapsed(float("nan"))

@@ -34,15 +34,22 @@ def mlp_out_weight(lm, layer):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cached_v_star_equals_full_forward(tiny_models, arch):
+@pytest.mark.parametrize("kind", ["mlp", "layer"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
+    """The cached optimisation (prefix cache, layers below `module` skipped) follows the papers' full forward,
+    for v* at an MLP's output (ROME) and at a whole layer's output (MEMIT); layer 0 skips nothing below an MLP.
+    (Not the last layer's output: there δ reaches no target position, its gradient is rounding noise.)"""
     lm = tiny_models(arch)
     hp = ROME(hparams=FAST).hparams_for(lm)
+    module = lm.spec.module(kind, layer)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
-    fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, mlp(lm, hp), fast=True)
-    full, v0_full, curve_full = compute_v_star(lm, REQ, templates, hp, mlp(lm, hp), fast=False)
+    fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, module, fast=True)
+    full, v0_full, curve_full = compute_v_star(lm, REQ, templates, hp, module, fast=False)
     torch.testing.assert_close(v0_fast, v0_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
     assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
+    assert len(curve_fast) == FAST["v_num_grad_steps"]  # every step ran (no early stop), so the cache was reused
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -140,7 +140,8 @@ def test_killed_runs_lose_and_duplicate_nothing(tmp_path):
         break
     rows = pd.read_json(tmp_path / "seq.jsonl", lines=True)
     assert sorted(rows.step) == list(range(13)), f"after {kills} kills"
-    assert kills >= 3 and rows.resumed.fillna(False).sum() <= kills
+    resumed = rows["resumed"].fillna(False).sum() if "resumed" in rows else 0  # only kills between save and write
+    assert kills >= 3 and resumed <= kills
 
 
 def test_hard_cases_are_the_rome_collapse_cases_and_normal_ones_match_their_number(tiny_models, tmp_path):

@@ -7,6 +7,10 @@ tests/unit/test_editor_contract.py checks it for each one on every tiny architec
 from ..errors import EditError
 from ..request import EditRequest
 from .base import EditResult, Editor, edited, live_edits
+from .ft import FT, FTHyperParams
+from .mend import MEND, MENDHyperParams
+from .alphaedit import AlphaEdit, AlphaEditHyperParams
+from .memit import MEMIT, MEMITHyperParams
 from .rome import ROME, ROMEHyperParams
 from .stack import EditStack
 
@@ -14,6 +18,10 @@ EDITORS = {
     "rome": lambda **kw: ROME(consistent=False, **kw),
     "c-rome": lambda **kw: ROME(consistent=True, **kw),
     "c-rome-prefix": lambda **kw: ROME(consistent=True, test_prefix=True, **kw),
+    "ft-linf": FT,
+    "mend": MEND,
+    "memit": MEMIT,
+    "alphaedit": AlphaEdit,
 }
 
 
@@ -25,4 +33,5 @@ def get_editor(name: str, **kwargs) -> Editor:
 
 
 __all__ = ["EDITORS", "EditError", "EditRequest", "EditResult", "EditStack", "Editor", "ROME", "ROMEHyperParams",
-           "edited", "get_editor", "live_edits"]
+           "edited", "get_editor", "live_edits", "MEMIT", "MEMITHyperParams", "AlphaEdit", "AlphaEditHyperParams",
+           "FT", "FTHyperParams", "MEND", "MENDHyperParams"]

@@ -19,6 +19,7 @@ model at each step, full-vocabulary log-softmax at every position).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import EditError
 from ..models import LoadedModel, pad_ids
-from ..nethook import Trace
+from ..nethook import Trace, get_module
 from ..tokens import subject_last_index, target_ids
 
 
@@ -124,11 +125,60 @@ class _FullForward:
         return tgt, kl, seen["v"]
 
 
-class _CachedForward:
-    """Run each prompt's tokens before the subject's last token once; each step runs only the rest.
+class _Cached(torch.nn.Module):
+    """Stands in for a decoder layer below the first one that depends on δ: returns `hidden`, computed once."""
 
-    Rows are split at their lookup index: the prefixes are left-padded so that every
-    lookup token sits in column 0 of the suffix batch, which is right-padded.
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return self.hidden
+
+
+def _layers_below(lm: LoadedModel, module: str) -> int:
+    """How many decoder layers lie wholly below the output of `module` (so none of them depends on δ)."""
+    for i in range(lm.n_layers):
+        layer = lm.spec.module("layer", i)
+        if module == layer:
+            return i + 1
+        if module.startswith(layer + "."):
+            return i
+    return 0
+
+
+@contextmanager
+def _standing_in(layers: torch.nn.ModuleList, stand_ins: list[torch.nn.Module]):
+    """Temporarily replace the first len(stand_ins) layers."""
+    saved = list(layers[:len(stand_ins)])
+    try:
+        for i, m in enumerate(stand_ins):
+            layers[i] = m
+        yield
+    finally:
+        for i, m in enumerate(saved):
+            layers[i] = m
+
+
+def _fresh(cache):
+    """A cache object of its own over the same prefix tensors (a step appends by concatenation, never in place)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+class _CachedForward:
+    """Compute once what does not depend on δ; each step runs only the rest.
+
+    δ enters at `module`'s output at each row's lookup token, so nothing before that token,
+    and no decoder layer below `module`, depends on it. Once: the tokens before the lookup
+    token (prefixes) through the whole model, keeping their attention cache, and the rest
+    (suffixes) up to the first layer that depends on δ. Each step: the suffixes through the
+    layers from there up only (the layers below stand in with their cached output), on a
+    fresh view of the prefix cache, scoring only the positions the loss needs.
+
+    Rows are split at their lookup index: the prefixes are left-padded so that every lookup
+    token sits in column 0 of the suffix batch, which is right-padded.
     """
 
     def __init__(self, lm: LoadedModel, p: _Prompts, module: str):
@@ -137,23 +187,34 @@ class _CachedForward:
         pre = [r[:i] for r, i in zip(p.ids, p.lookup)]
         suf = [r[i:] for r, i in zip(p.ids, p.lookup)]
         s_ids, s_mask = pad_ids(suf, pad, left=False, device=dev)
-        self.s_ids = s_ids
         pre_len = torch.tensor([len(r) for r in pre], device=dev)
-        self.pos = pre_len[:, None] + torch.arange(s_ids.shape[1], device=dev)[None]
+        self.kwargs = dict(input_ids=s_ids, position_ids=pre_len[:, None] + torch.arange(s_ids.shape[1], device=dev))
         self.cache = None
-        if max(len(r) for r in pre):
-            p_ids, p_mask = pad_ids(pre, pad, left=True, device=dev)
-            p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
-            with torch.no_grad():
+        with torch.no_grad():
+            if max(len(r) for r in pre):
+                p_ids, p_mask = pad_ids(pre, pad, left=True, device=dev)
+                p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
                 out = lm.model.base_model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
-            self.cache = out.cache
-            self.mask = torch.cat([p_mask, s_mask], dim=1)
-        else:
-            self.mask = s_mask
-        # rewriting rows: suffix position j predicts the token at j + 1
-        self.t_rows = torch.tensor([i for i in range(p.n_rewrite) for _ in p.target_pos[i]], device=dev)
-        self.t_cols = torch.tensor([q - p.lookup[i] for i in range(p.n_rewrite) for q in p.target_pos[i]], device=dev)
+                self.cache = out.cache
+                self.kwargs.update(attention_mask=torch.cat([p_mask, s_mask], dim=1), use_cache=True)
+            else:
+                self.kwargs.update(attention_mask=s_mask)
+            self.layers = get_module(lm.model, lm.spec.layer.removesuffix(".{}"))
+            below = _layers_below(lm, module)
+            self.stand_ins = []
+            if below:
+                with Trace(lm.model, lm.spec.module("layer", below - 1), retain_output=True, stop=True) as t:
+                    lm.model.base_model(**self.step_kwargs())
+                self.stand_ins = [_Cached(t.output) for _ in range(below)]
+        # the positions scored, in one pass through the LM head: each rewriting row's target positions
+        # (suffix position j predicts the token at j + 1), then the KL rows' lookup token
+        rows = [i for i in range(p.n_rewrite) for _ in p.target_pos[i]] + list(range(p.n_rewrite, len(p.ids)))
+        cols = [q - p.lookup[i] for i in range(p.n_rewrite) for q in p.target_pos[i]] + [0] * (len(p.ids) - p.n_rewrite)
+        self.rows, self.cols = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
         self.t_ids = torch.tensor(p.target_ids * p.n_rewrite, device=dev)
+
+    def step_kwargs(self) -> dict:
+        return self.kwargs if self.cache is None else dict(self.kwargs, cache=_fresh(self.cache))
 
     def __call__(self, delta: torch.Tensor):
         seen = {}
@@ -164,16 +225,12 @@ class _CachedForward:
             out[:, 0] += delta.to(out.dtype)
             return out
 
-        kwargs = dict(input_ids=self.s_ids, attention_mask=self.mask, position_ids=self.pos)
-        if self.cache is not None:
-            kwargs.update(cache=copy.deepcopy(self.cache), use_cache=True)
-        with Trace(self.lm.model, self.module, edit_output=add_delta):
-            hidden = self.lm.model.base_model(**kwargs).last_hidden_state
-        p = self.p
-        logp_t = torch.log_softmax(_logits(self.lm, hidden[self.t_rows, self.t_cols]), dim=-1)
-        tgt = logp_t[torch.arange(len(self.t_ids)), self.t_ids].view(p.n_rewrite, len(p.target_ids))
-        kl = torch.log_softmax(_logits(self.lm, hidden[p.n_rewrite:, 0]), dim=-1)
-        return tgt, kl, seen["v"]
+        with _standing_in(self.layers, self.stand_ins), Trace(self.lm.model, self.module, edit_output=add_delta):
+            hidden = self.lm.model.base_model(**self.step_kwargs()).last_hidden_state
+        logp = torch.log_softmax(_logits(self.lm, hidden[self.rows, self.cols]), dim=-1)
+        n = len(self.t_ids)
+        tgt = logp[torch.arange(n), self.t_ids].view(self.p.n_rewrite, len(self.p.target_ids))
+        return tgt, logp[n:], seen["v"]
 
 
 def compute_v_star(lm: LoadedModel, request, templates: list[str], hp, module: str,

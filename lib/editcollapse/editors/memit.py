@@ -1,0 +1,243 @@
+"""MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"): a batch of facts spread over layers R.
+
+For each request, z* is the residual stream after the last layer of R that makes the model say
+the new target (`vstar.compute_v_star` at lm.spec.module("layer", R[-1]); MEMIT's compute_z).
+Then, for each layer l = R[i] in order (Sec. 4.3, Alg. 1), with the updates of R[:i] applied:
+
+    K    = the key of each fact at l: at the subject's last token, the mean over the context
+           types of the mean key per type (MEMIT's compute_ks: ½ bare prompt + ½ the mean over
+           its prefixes with the papers' templates)
+    z    = the residual after R[-1] at the subject's last token of the bare prompt, now
+    R_l  = (z* − z) / (|R| − i)                   the residual, spread over the remaining layers
+    ΔW_l = R_l Kᵀ (λ C + K Kᵀ)⁻¹                 λ = mom2_update_weight, C = E[k kᵀ] at l
+
+(Eq. 14: the least-squares update that writes R_l at the keys K while keeping W k for the
+corpus keys behind C.) ΔW_l is applied before the keys of the next layer are read. With
+G = C⁻¹K (cached Cholesky factor of C) the update is ΔW_l = R_l (λI + KᵀG)⁻¹ Gᵀ, the same
+matrix through an n×n system instead of a d_k×d_k one.
+
+Diagnostics, per layer: ‖R_l‖, the fraction of R_l that ΔW_l writes at the keys
+(⟨ΔW k, r⟩/‖r‖², = s/(λ+s) for one fact with s = kᵀC⁻¹k), the fraction of the target residual
+z* − z₀ that the layer realises at R[-1], and ‖ΔW_l‖; in all, `realised_fraction`.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import EditError
+from ..keys import STARTERS, context_templates, edit_texts
+from ..models import LoadedModel
+from ..nethook import Trace
+from ..stats import Moment, second_moment
+from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
+from .vstar import VStarParams, check_int, compute_v_star, curve_summary
+
+_MOMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def check_positive(hp, name: str) -> None:
+    v = getattr(hp, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+        raise EditError(f"{type(hp).__name__}.{name} must be a finite number > 0, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpreadParams(VStarParams):
+    """Settings shared by MEMIT and AlphaEdit: the layers R, the key statistics and the context templates."""
+
+    layers: tuple
+    mom2_n_tokens: int | None = None  # tokens behind C (None: stats.second_moment's default, the whole corpus)
+    context_template_length_params: tuple = ((10, 5),)  # MEMIT: 5 prefixes of 10 tokens
+    seed: int = 0  # context templates are sampled with this seed (the papers' code draws them unseeded)
+
+    def __post_init__(self):
+        super().__post_init__()
+        layers = self.layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not layers or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) \
+                or list(layers) != sorted(set(layers)):
+            raise EditError(f"{type(self).__name__}.layers must be a non-empty increasing list of distinct "
+                            f"layer indices >= 0, got {layers!r}")
+        object.__setattr__(self, "layers", tuple(layers))
+        check_int(self, "seed", 0)
+        if self.mom2_n_tokens is not None:
+            check_int(self, "mom2_n_tokens", 1)
+        try:
+            lengths = tuple((int(n), int(c)) for n, c in self.context_template_length_params)
+        except (TypeError, ValueError):
+            lengths = ()
+        if not lengths or any(n < 1 or c < len(STARTERS) or c % len(STARTERS) for n, c in lengths):
+            raise EditError(f"context_template_length_params must be pairs (length >= 1, count a positive multiple "
+                            f"of {len(STARTERS)}, one per starter), got {self.context_template_length_params!r}")
+        object.__setattr__(self, "context_template_length_params", lengths)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MEMITHyperParams(SpreadParams):
+    """MEMIT's settings (the authors' hparams/MEMIT/*.json); `MEMIT(...).hparams_for(lm)` gives a model's."""
+
+    mom2_update_weight: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "mom2_update_weight")
+
+
+# The papers' settings: MEMIT's hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json, and the
+# Butterfly-Effect authors' hparams/MEMIT/llama-7b.yaml (Llama-2-7b). The local models' settings
+# are calibrated in docs/memit_calibration.md.
+_GPT = dict(v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=0.0625)
+PRESETS = {
+    "gpt2-xl": dict(_GPT, layers=(13, 14, 15, 16, 17), mom2_update_weight=20000),
+    "gpt-j-6b": dict(_GPT, v_num_grad_steps=25, layers=(3, 4, 5, 6, 7, 8), mom2_update_weight=15000),
+    "llama2-7b": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0, layers=(4, 5, 6, 7, 8),
+                      mom2_update_weight=15000),
+    "smollm2-135m": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
+                         layers=(4, 5, 6, 7, 8), mom2_update_weight=15000, mom2_n_tokens=100_000),
+    "gemma3-270m": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
+                        layers=(2, 3, 4, 5), mom2_update_weight=15000, mom2_n_tokens=100_000),
+    "tiny-gpt2": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
+    "tiny-gptj": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
+    "tiny-llama": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
+    "tiny-gemma3": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
+}
+
+
+def moment(lm: LoadedModel, layer: int, n_tokens: int | None) -> Moment:
+    """C of `layer` from stats.second_moment, kept per live model so that its Cholesky factor is reused."""
+    cache = _MOMENTS.setdefault(lm.model, {})
+    if (layer, n_tokens) not in cache:
+        cache[layer, n_tokens] = second_moment(lm, layer, **({} if n_tokens is None else {"n_tokens": n_tokens}))
+    return cache[layer, n_tokens]
+
+
+def template_weights(hp: SpreadParams, n_templates: int) -> torch.Tensor:
+    """Weights of the keys behind ["{}"] + prefixes: the mean over context types of the mean per type."""
+    sizes = [1] + [count for _, count in hp.context_template_length_params]
+    if sum(sizes) != n_templates:
+        raise EditError(f"expected {sum(sizes)} context templates for {hp.context_template_length_params}, "
+                        f"got {n_templates}")
+    return torch.cat([torch.full((s,), 1.0 / (s * len(sizes)), dtype=torch.float64) for s in sizes])
+
+
+def memit_update(K: torch.Tensor, resid: torch.Tensor, m: Moment, lam: float) -> torch.Tensor:
+    """ΔW = R Kᵀ (λC + KKᵀ)⁻¹ = R (λI + KᵀC⁻¹K)⁻¹ (C⁻¹K)ᵀ, keys K [n, d_k] and residuals R [n, d_out] as rows."""
+    try:
+        G = m.inv_apply(K)
+    except ValueError as e:
+        raise EditError(f"{e} (mom2_n_tokens)") from e
+    S = lam * torch.eye(len(K), dtype=K.dtype) + K @ G.T
+    return torch.linalg.solve(S, resid).T @ G
+
+
+@dataclass
+class MEMIT(Editor):
+    """MEMIT; `hparams` overrides the model's preset (PRESETS), e.g. {"layers": [3, 4, 5]}.
+
+    `fast=False` computes z* the papers' way (vstar's full forward at every step).
+    """
+
+    fast: bool = True
+    hparams: dict = field(default_factory=dict)
+    name = "memit"
+    batched = True
+
+    def __post_init__(self):
+        check_overrides(MEMITHyperParams, PRESETS, self.hparams)
+
+    def hparams_for(self, lm: LoadedModel) -> MEMITHyperParams:
+        return hparams_for(MEMITHyperParams, PRESETS, lm, self.hparams)
+
+    def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx):
+        hp = self.hparams_for(lm)
+        for layer in hp.layers:
+            check_layer(lm, layer)
+        with self.timed("templates"):
+            templates, texts, idxs, weights = self.inputs(lm, hp, requests)
+        with self.timed("v_star"):
+            found = [compute_v_star(lm, r, templates, hp, lm.spec.module("layer", hp.layers[-1]), fast=self.fast)
+                     for r in requests]
+        z_star = torch.stack([v for v, _, _ in found]).double().cpu()
+        diagnostics = self.spread(lm, hp, texts, idxs, weights, z_star, tx)
+        curves = [c for _, _, c in found]
+        summaries = [curve_summary(c) for c in curves]
+        diagnostics.update({k: sum(s[k] for s in summaries) / len(summaries) for k in summaries[0]})
+        diagnostics.update(v_star=z_star, v_init=torch.stack([v for _, v, _ in found]).cpu(), loss_curves=curves,
+                           n_requests=len(requests), context_templates=templates, hparams=asdict(hp))
+        return diagnostics, None
+
+    @staticmethod
+    def inputs(lm: LoadedModel, hp: SpreadParams, requests):
+        """(context templates, the texts of every fact behind every template, their subject's last index, weights)."""
+        templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+        rows = [edit_texts(lm, r.template(), r.subject, templates) for r in requests]
+        texts, idxs = [t for r in rows for t in r[0]], [i for r in rows for i in r[1]]
+        return templates, texts, idxs, template_weights(hp, len(templates))
+
+    def spread(self, lm: LoadedModel, hp: SpreadParams, texts: list[str], idxs: list[int], weights: torch.Tensor,
+               z_star: torch.Tensor, tx) -> dict:
+        """Write z* − z over hp.layers, one layer after the other (the loop of Alg. 1); returns diagnostics."""
+        with self.timed("stats"):
+            self.prepare(lm, hp)
+        target = None
+        per_layer, zs, keys, residuals = [], [], {}, {}
+        for i, layer in enumerate(hp.layers):
+            with self.timed("keys"):
+                K, z = read_keys(lm, [layer], hp.layers[-1], texts, idxs, weights)
+            zs.append(z)
+            target = z_star - z if target is None else target
+            resid = (z_star - z) / (len(hp.layers) - i)
+            keys[layer], residuals[layer] = K[layer], resid
+            with self.timed("update"):
+                delta = self.layer_update(lm, hp, layer, K[layer], resid)
+                if not torch.isfinite(delta).all():
+                    raise EditError(f"non-finite update at layer {layer}")
+                tx.add_(*param_delta(lm, lm.spec.module("mlp_out", layer), delta))
+            written = ((K[layer] @ delta.T) * resid).sum(1) / (resid * resid).sum(1).clamp_min(1e-30)
+            per_layer.append(dict(layer=layer, resid_norm=resid.norm(dim=1).mean().item(),
+                                  written_fraction=written.mean().item(), delta_norm=delta.norm().item()))
+        with self.timed("diagnostics"):
+            K_after, z_after = read_keys(lm, hp.layers, hp.layers[-1], texts, idxs, weights)
+        zs.append(z_after)
+        t2 = (target * target).sum(1).clamp_min(1e-30)
+        for d, a, b in zip(per_layer, zs, zs[1:]):
+            d["realised_fraction"] = (((b - a) * target).sum(1) / t2).mean().item()
+        return dict(layers=list(hp.layers), layer_diagnostics=per_layer, keys=keys, residuals=residuals,
+                    keys_after=K_after,
+                    z_error=target.norm(dim=1).mean().item(), z_error_after=(z_star - z_after).norm(dim=1).mean().item(),
+                    realised_fraction=(((z_after - zs[0]) * target).sum(1) / t2).mean().item(),
+                    written_fraction=sum(d["written_fraction"] for d in per_layer) / len(per_layer))
+
+    def prepare(self, lm: LoadedModel, hp: MEMITHyperParams) -> None:
+        """Load (or compute) C of every layer before any weight is written."""
+        for layer in hp.layers:
+            moment(lm, layer, hp.mom2_n_tokens)
+
+    def layer_update(self, lm: LoadedModel, hp: MEMITHyperParams, layer: int, K: torch.Tensor,
+                     resid: torch.Tensor) -> torch.Tensor:
+        """ΔW_l [d_out, d_k] (float64) for keys K [n, d_k] and residuals [n, d_out]."""
+        return memit_update(K, resid, moment(lm, layer, hp.mom2_n_tokens), hp.mom2_update_weight)
+
+
+def read_keys(lm: LoadedModel, layers, z_layer: int, texts: list[str], idxs: list[int], weights: torch.Tensor):
+    """One forward pass to `z_layer`: keys {layer: K [n, d_k]} (weighted over each fact's templates) and z [n, d].
+
+    `texts` hold n facts × len(weights) templates, the bare prompt first; z is the residual after
+    `z_layer` at the bare prompt. Float64, on the CPU.
+    """
+    batch = lm.encode(texts)
+    with torch.no_grad(), ExitStack() as stack:
+        keys = {layer: stack.enter_context(Trace(lm.model, lm.spec.module("mlp_out", layer), retain_input=True))
+                for layer in layers}
+        out = stack.enter_context(Trace(lm.model, lm.spec.module("layer", z_layer), retain_output=True, stop=True))
+        lm.model(**batch)
+    rows, idx = torch.arange(len(texts), device=lm.device), torch.tensor(idxs, device=lm.device)
+    n = len(texts) // len(weights)
+    K = {layer: torch.einsum("ntd,t->nd", t.input[rows, idx].double().cpu().view(n, len(weights), -1), weights)
+         for layer, t in keys.items()}
+    z = out.output[rows, idx].double().cpu().view(n, len(weights), -1)[:, 0]
+    return K, z

@@ -1,0 +1,184 @@
+"""The collapse guard on tiny random models: features equal the editor's, refusals leave the model untouched."""
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from editcollapse import guard
+from editcollapse.editors import ROME, EditError, EditRequest, edited, live_edits
+from editcollapse.editors.memit import MEMIT
+from editcollapse.keys import edit_keys
+from editcollapse.stats import second_moment
+
+ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
+FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
+REQS = [
+    EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk", case_id=1),
+    EditRequest("The capital of France is", "France", "Rome", "Paris", case_id=2),
+    EditRequest("I saw Berlin in", "erlin", "Rome", case_id=3),  # refused: part of a word
+    EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French", case_id=4),
+]
+
+
+def snapshot(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def identical(lm, before):
+    return all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_keys_equal_the_editors_keys(tiny_models, arch):
+    """Prefix cache + rows cut after the subject give k^u and every context key exactly as keys.edit_keys;
+    a request the editor refuses gets an error and does not shift the others."""
+    lm = tiny_models(arch)
+    site = guard.key_site(lm, ROME(hparams=FAST))
+    keys, positions, errors = guard.context_keys(lm, REQS, site)
+    assert [e is None for e in errors] == [True, True, False, True] and "part of a word" in errors[2]
+    K = keys[site.layers[0]]
+    assert K.shape[:2] == (3, len(site.contexts))
+    for got, r in zip(K, [REQS[0], REQS[1], REQS[3]]):
+        want, _ = edit_keys(lm, site.layers[0], r.template(), r.subject, site.contexts)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    bos = int(lm.spec.prepend_bos)
+    n_twitter = len(lm.tok("Twitter", add_special_tokens=False)["input_ids"])
+    assert positions[0] == (bos, bos + n_twitter - 1)  # the subject starts the prompt
+    assert positions[3][0] == bos + len(lm.tok("The mother tongue of", add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mom2", [False, True])
+def test_denominator_two_ways_agrees(tiny_models, arch, mom2):
+    """The guard's denominator, its raw form and cos(k^u, k̄), read before any edit, equal ROME's own diagnostics."""
+    lm = tiny_models(arch)
+    hp = dict(FAST, mom2_adjustment=mom2)
+    layer = ROME(hparams=hp).hparams_for(lm).layer
+    stats = second_moment(lm, layer, n_tokens=3000) if mom2 else None
+    rome = ROME(hparams=hp, stats=stats)
+    feats = guard.key_features(lm, [REQS[0], REQS[3]], rome)
+    for row, r in zip(feats.itertuples(), [REQS[0], REQS[3]]):
+        with edited(lm, r, rome) as result:
+            d = result.diagnostics
+        assert row.denominator == pytest.approx(d["denominator"], rel=1e-4)
+        assert row.denominator_raw == pytest.approx(d["denominator_raw"], rel=1e-4)
+        assert row.cosine == pytest.approx(d["k_u_k_bar_cosine"], rel=1e-5, abs=1e-6)
+        assert row.score == pytest.approx(-math.log(d["denominator"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-llama"])
+def test_c_rome_keys_are_consistent_by_construction(tiny_models, arch):
+    """C-ROME uses k̄ on both sides: its gain uᵀk̄ / uᵀk is exactly 1 and the guard reads its denominator
+    (u/‖u‖)ᵀk̄ = ‖k̄‖ (C = I) as C-ROME reports it; the edit writes v* at k̄."""
+    lm = tiny_models(arch)
+    crome = ROME(consistent=True, hparams=FAST)
+    row = guard.key_features(lm, [REQS[0]], crome).iloc[0]
+    assert row.gain == pytest.approx(1.0, abs=1e-12)
+    assert row.denominator == pytest.approx(row.k_bar_norm, rel=1e-6)
+    with edited(lm, REQS[0], crome) as result:
+        d = result.diagnostics
+        assert row.denominator == pytest.approx(d["denominator"], rel=1e-4)
+        K, V = edit_keys(lm, d["layer"], REQS[0].template(), REQS[0].subject, d["context_templates"])
+        torch.testing.assert_close(K.mean(0).cpu(), d["k_bar"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(V.mean(0).cpu(), d["v_star"], rtol=1e-3, atol=1e-4)  # the mean value is v*
+
+
+def test_score_is_monotone_in_the_denominator(tiny_models):
+    """score = −log(denominator): strictly decreasing for positive denominators, +∞ at and below 0; moving
+    k^u along u (which changes only the denominator) moves the score the other way."""
+    d = np.array([-1.0, 0.0, 1e-6, 0.04, 0.5, 1.0, 9.6, 1e3])
+    s = guard.score_of(d)
+    assert np.isinf(s[:2]).all() and (np.diff(s[1:]) < 0).all()
+    assert s[3] == pytest.approx(-math.log(0.04))
+    lm = tiny_models("tiny-llama")
+    site = guard.key_site(lm, ROME(hparams=FAST))
+    K = guard.context_keys(lm, [REQS[0]], site)[0][site.layers[0]][0].double()
+    k_bar, k_u = K.mean(0), K[0]
+    u_hat = k_bar / k_bar.norm()
+    dens, scores = [], []
+    for t in (-2.0, -0.5, 0.0, 0.5, 2.0):
+        geom = guard.key_geometry(k_u[None] + t * u_hat, k_bar[None], k_bar[None])
+        dens.append(geom["denominator"][0])
+        scores.append(float(guard.score_of(geom["denominator"])[0]))
+    assert np.all(np.diff(dens) > 0)
+    finite = [s for d_, s in zip(dens, scores) if d_ > 0]
+    assert np.all(np.diff(finite) < 0) and all(np.isinf(s) for d_, s in zip(dens, scores) if d_ <= 0)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-gemma3"])
+def test_guard_refuses_without_touching_the_model(tiny_models, arch):
+    lm = tiny_models(arch)
+    before = snapshot(lm)
+    guarded = guard.Guarded(ROME(hparams=FAST), "refuse", threshold=-np.inf)  # every request is risky
+    with pytest.raises(EditError, match="refused, the model is unchanged"):
+        guarded.apply(lm, REQS[0])
+    assert identical(lm, before) and not live_edits(lm)
+    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "refuse", threshold=np.inf)) as result:
+        assert result.diagnostics["guard_action"] == "edit" and not result.diagnostics["guard_flagged"]
+        assert not identical(lm, before)
+    assert identical(lm, before)
+    with pytest.raises(EditError, match="part of a word"):
+        guarded.apply(lm, REQS[2])
+    with pytest.raises(EditError, match="guard must be one of"):
+        guard.Guarded(ROME(), "ignore")
+    with pytest.raises(EditError, match="needs a ROME editor"):
+        guard.Guarded(MEMIT(), "switch", fallback="c-rome")
+
+
+def test_guard_warns_or_switches(tiny_models):
+    """warn: the ROME edit with a CollapseWarning; switch: the C-ROME edit instead (same weights as C-ROME)."""
+    lm = tiny_models("tiny-llama")
+    with pytest.warns(guard.CollapseWarning, match="likely to collapse"):
+        with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "warn", threshold=-np.inf)) as result:
+            assert result.diagnostics["guard_action"] == "warned" and result.diagnostics["guard_editor"] == "rome"
+    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=-np.inf)) as result:
+        switched = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        assert result.diagnostics["guard_editor"] == "c-rome" and result.diagnostics["guard_action"] == "switched"
+    with edited(lm, REQS[0], ROME(consistent=True, hparams=FAST)):
+        assert identical(lm, switched)
+
+
+def test_prefix_switch_for_memit(tiny_models):
+    """A MEMIT edit that the guard flags is made on the prompt behind one of MEMIT's context templates,
+    which is also the result's test-time prefix."""
+    lm = tiny_models("tiny-gpt2")
+    memit = MEMIT(hparams=dict(v_num_grad_steps=2))
+    before = snapshot(lm)
+    with edited(lm, REQS[0], guard.Guarded(memit, "switch", threshold=-np.inf)) as result:
+        site = guard.key_site(lm, memit)
+        assert result.test_prefix in site.contexts[1:]
+        assert result.diagnostics["guard_prompts"] == [result.test_prefix.replace("{}", REQS[0].prompt)]
+        assert result.diagnostics["guard_action"] == "switched"
+    assert identical(lm, before)
+
+
+def test_calibrate_and_evaluate_by_hand():
+    scores, labels = [0.0, 1.0, 2.0, 3.0, 4.0], [0, 0, 1, 0, 1]
+    t = guard.calibrate(scores, labels)  # F2: flag {2,3,4} (p 2/3, r 1) beats {4} (p 1, r 1/2)
+    assert t == pytest.approx(1.5)
+    m = guard.evaluate(scores, labels, t)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 0)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
+    assert m["auroc"] == pytest.approx(5 / 6)  # pairs (pos, neg) ranked right: 2 of 3 for 2.0, 3 of 3 for 4.0
+    with pytest.raises(ValueError, match="no collapse case"):
+        guard.calibrate([1.0, 2.0], [0, 0])
+    split = guard.calibration_split(range(2000))
+    assert 0.45 < split.mean() < 0.55 and (split == guard.calibration_split(range(2000))).all()
+
+
+def test_confirmation_plan_and_recall_by_hand():
+    screened = pd.DataFrame(dict(case_id=range(10), score=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0], error=None))
+    plan = guard.confirmation_plan(screened, threshold=6.5, n_margin=2, random_ids=[7, 9])
+    assert plan.set_index("case_id").stratum.to_dict() == {0: "flagged", 1: "flagged", 2: "flagged", 3: "margin",
+                                                          4: "margin", 5: "rest", 6: "rest", 7: "rest", 8: "rest",
+                                                          9: "rest"}
+    assert sorted(plan[plan.edit].case_id) == [0, 1, 2, 3, 4, 7, 9]
+    measured = pd.DataFrame(dict(case_id=[0, 1, 2, 3, 4, 7, 9], label=[True, True, False, True, False, True, False]))
+    r = guard.recall_estimate(plan, measured)
+    # caught 2; missed: 1 in the margin + (1 of 2 sampled) × 5 in the rest = 3.5
+    assert r["caught"] == 2 and r["missed_estimate"] == pytest.approx(3.5)
+    assert r["recall"] == pytest.approx(2 / 5.5) and r["precision"] == pytest.approx(2 / 3)
+    assert r["recall_lower95"] < r["recall"]

@@ -1,0 +1,154 @@
+"""The headless runner: SET / ONLY parsing (from the Makefile as from the command line), parameter types
+checked before any notebook starts, and executed notebooks without progress bars."""
+import os
+import subprocess
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from editcollapse import reproduce
+from editcollapse.paths import REPO_ROOT
+from editcollapse.reproduce import (NotebookError, check_types, find_notebooks, main, parse_only, parse_overrides,
+                                    run, strip_progress)
+
+
+def test_set_values_may_hold_spaces_and_several_pairs():
+    assert parse_overrides(["editors=[rome, c-rome]"]) == {"editors": ["rome", "c-rome"]}
+    assert parse_overrides(["n_counterfact=100 editors=[rome, c-rome]  model=llama2-7b", "n_zsre=null"]) == dict(
+        n_counterfact=100, editors=["rome", "c-rome"], model="llama2-7b", n_zsre=None)
+    assert parse_overrides(["prefix=The answer is", "opts={a: 1, b: [x, y]}"]) == dict(
+        prefix="The answer is", opts={"a": 1, "b": ["x", "y"]})
+    assert parse_overrides(["name='01' title='x y=z' note=it's fine"]) == dict(name="01", title="x y=z",
+                                                                               note="it's fine")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["editors"])
+    with pytest.raises(ValueError, match=r"--set editors: '\[rome, c-rome' is not a YAML value"):
+        parse_overrides(["editors=[rome, c-rome"])
+
+
+def test_only_accepts_commas_and_spaces_and_refuses_nothing():
+    assert parse_only("01, 02") == parse_only("01,02") == parse_only(" 01 02 ") == ["01", "02"]
+    for empty in ("", " ", ","):
+        with pytest.raises(ValueError, match="--only needs notebook numbers"):
+            parse_only(empty)
+    with pytest.raises(ValueError, match="non-empty list"):
+        find_notebooks([])
+    assert [p.stem[:2] for p in find_notebooks(["01", "02"])] == ["01", "02"]
+
+
+def test_command_line_errors(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(reproduce, "run", lambda *a, **k: calls.append(a) or [("01_x", 1.0)])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--only", ""])
+    assert exit_.value.code == 2 and "--only needs notebook numbers" in capsys.readouterr().err
+    assert calls == []
+    main(["--only", "01, 02", "--set", "editors=[rome, c-rome] n_zsre=2", "--set", "seed=1"])
+    assert calls == [("quick", ["01", "02"], {"editors": ["rome", "c-rome"], "n_zsre": 2, "seed": 1})]
+
+
+def test_the_makefile_passes_set_and_only_as_written(tmp_path, monkeypatch):
+    """`make reproduce SET=... ONLY=...` with a stand-in python that records its arguments."""
+    argv_file = tmp_path / "argv"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
+    fake.chmod(0o755)
+    (tmp_path / "stamp").touch()  # setup counts as done
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "MAKEFLAGS")}
+    subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "reproduce", f"PY={fake}", f"STAMP={tmp_path / 'stamp'}",
+                    "SET=editors=[rome, c-rome] n_zsre=2", "ONLY=01, 02"], check=True, env=env)
+    argv = argv_file.read_text().splitlines()
+    assert argv[:2] == ["-m", "editcollapse.reproduce"]
+    calls = []
+    monkeypatch.setattr(reproduce, "run", lambda *a, **k: calls.append(a) or [("01_x", 1.0)])
+    main(argv[2:])
+    assert calls == [("quick", ["01", "02"], {"editors": ["rome", "c-rome"], "n_zsre": 2})]
+    subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "reproduce", f"PY={fake}", f"STAMP={tmp_path / 'stamp'}"],
+                   check=True, env=env)
+    assert argv_file.read_text().splitlines() == ["-m", "editcollapse.reproduce", "--profile", "quick"]
+
+
+def test_parameter_types_are_checked_before_any_notebook_starts(monkeypatch):
+    def no_notebook(*args, **kwargs):
+        raise AssertionError("a notebook was started")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_notebook)
+    for overrides, message in [
+        (dict(n_cases="abc"), r"--set n_cases='abc': parameter 'n_cases' expects int \(.*\), got the str 'abc'"),
+        (dict(n_cases=2.5), "expects int .*got the float 2.5"),
+        (dict(n_cases=True), "expects int .*got the bool True"),
+        (dict(editors="rome"), "expects list .*got the str 'rome'"),
+        (dict(editors=["rome", 5]), r"expects a list of str .*got \['rome', 5\]"),
+        (dict(device=3), "expects null or str"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run("quick", overrides=overrides)
+    check_types(dict(n_downstream=None, device=None, n_zsre=None, editors=[], seed=1), reproduce.parameter_examples(
+        reproduce.NOTEBOOKS_DIR, {p.stem: papermill.inspect_notebook(str(p)) for p in find_notebooks()}))
+    check_types(dict(lr=1), {"lr": [0.5]})  # an int where a float goes
+    with pytest.raises(SystemExit, match="reproduce: --set n_cases='abc': parameter 'n_cases' expects int"):
+        main(["--set", "n_cases=abc"])
+
+
+def test_strip_progress_keeps_the_notebooks_own_output():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("display_data", data={
+            "application/vnd.jupyter.widget-view+json": {"model_id": "m", "version_major": 2, "version_minor": 0},
+            "text/plain": "loglikelihood:   0%|          | 0/4 [00:00<?, ?it/s]"}),
+        nbformat.v4.new_output("stream", name="stdout", text="hello 12% [00:01<00:02] stays: stdout is the notebook's\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rLoading weights:   0%|   | 0/3 [00:00<?, ?it/s]"
+                                                             "\rLoading weights: 100%|###| 3/3 [00:00<00:00, 9.1it/s]"),
+        nbformat.v4.new_output("stream", name="stderr", text="\nUserWarning: keep me\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="\x1b[A"),  # a nested bar moved the cursor
+        nbformat.v4.new_output("stream", name="stderr", text="\x1b[31mred stays\x1b[0m\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="generate: 5it [00:01, 4.1it/s]\nreal line\n"),
+        nbformat.v4.new_output("display_data", data={"text/plain": "a table"}),
+    ])]
+    assert strip_progress(nb) == 5
+    assert [(o.output_type, o.get("text", o.get("data", {}).get("text/plain"))) for o in nb.cells[0].outputs] == [
+        ("stream", "hello 12% [00:01<00:02] stays: stdout is the notebook's\n"),
+        ("stream", "UserWarning: keep me\n"), ("stream", "\x1b[31mred stays\x1b[0m\n"), ("stream", "real line\n"),
+        ("display_data", "a table")]
+
+
+NOTEBOOK_CODE = """\
+import sys, time, warnings
+from tqdm.auto import tqdm
+for i in tqdm(range(n), desc="loglikelihood"):
+    for j in tqdm(range(2), desc="inner", leave=False):
+        time.sleep(0.01)
+print("hello", n)
+warnings.warn("keep me")
+"""
+
+
+def test_a_headless_run_leaves_no_progress_bars(tmp_path, capfd):
+    """A synthetic notebook with a tqdm.auto bar: its progress reaches the runner's stderr, not the saved copy."""
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "quick.yaml").write_text("common: {n: 3}\n")
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}, "language_info": {"name": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("n = 2", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(NOTEBOOK_CODE)]
+    nbformat.write(nb, tmp_path / "01_bars.ipynb")
+    with pytest.raises(ValueError, match="n='x'.*expects int"):
+        run("quick", overrides=dict(n="x"), notebooks_dir=tmp_path, executed_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "01_bars.ipynb").exists()
+    run("quick", overrides=dict(n=5), notebooks_dir=tmp_path, executed_dir=tmp_path / "out")
+    assert "loglikelihood: 100%" in capfd.readouterr().err  # the runner's log shows the bar
+    outputs = nbformat.read(tmp_path / "out" / "01_bars.ipynb", as_version=4).cells[-1].outputs
+    texts = [o.get("text") or str(o.get("data")) for o in outputs]
+    assert any("hello 5" in t for t in texts) and any("keep me" in t for t in texts)
+    assert not any("loglikelihood" in t or "inner" in t or "it/s" in t or "\x1b" in t for t in texts), texts
+    assert not any("widget" in str(o.get("data", {})) for o in outputs)
+
+
+def test_repository_notebooks_are_found_by_number():
+    with pytest.raises(ValueError, match="no such notebook"):
+        find_notebooks(["99"])
+    assert all(isinstance(p, Path) for p in find_notebooks(None))
+    with pytest.raises(NotebookError, match="declared by no parameters cell"):
+        run("quick", only=["01"], overrides=dict(no_such_parameter=1))
