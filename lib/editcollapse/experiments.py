@@ -58,6 +58,15 @@ def quick_sample(lm: LoadedModel, dataset: str, n_random: int | None, n_first_to
     return sorted(chosen.values(), key=lambda c: c["case_id"])
 
 
+def apply_case(lm: LoadedModel, apply, case: dict):
+    """The case's request, validated, and the locality reference of the model before the edit; then
+    `apply(request)`. Returns (EditResult, reference). Raises EditError for a bad case."""
+    request = EditRequest.from_case(case)
+    request.validate()
+    reference = metrics.locality_reference(lm, case)
+    return apply(request), reference
+
+
 def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl_original: float | None = None,
                     threshold: float = perplexity.COLLAPSE_THRESHOLD) -> dict:
     """Edit, measure, undo. Returns a flat row: the case, edit metrics, ME-PPL perplexity, and the
@@ -71,10 +80,7 @@ def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl
     row.update(first_token=subject_is_first_token(lm, case), error=None)
     t0 = time.perf_counter()
     try:
-        request = EditRequest.from_case(case)
-        request.validate()
-        reference = metrics.locality_reference(lm, case)
-        result = editor.apply(lm, request)
+        result, reference = apply_case(lm, lambda request: editor.apply(lm, request), case)
     except Exception as e:  # noqa: BLE001 - a sweep records every refusal and failure as a row
         return dict(row, error=f"{type(e).__name__}: {e}")
     try:

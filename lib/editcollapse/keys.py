@@ -51,6 +51,19 @@ def context_templates(lm, length_params=((5, 10), (10, 10)), seed: int = 0) -> l
     return list(cache[key])
 
 
+def check_template_lengths(length_params) -> tuple[tuple[int, int], ...]:
+    """`length_params` as ((length, count), ...), each count a positive multiple of len(STARTERS)
+    (one share per starter: another count would silently give fewer templates); else EditError."""
+    try:
+        lengths = tuple((int(n), int(c)) for n, c in length_params)
+    except (TypeError, ValueError):
+        lengths = ()
+    if not lengths or any(n < 1 or c < len(STARTERS) or c % len(STARTERS) for n, c in lengths):
+        raise EditError(f"context_template_length_params must be pairs (length >= 1, count a positive multiple "
+                        f"of {len(STARTERS)}, one per starter), got {length_params!r}")
+    return lengths
+
+
 def _sample(lm, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     try:
         return lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,

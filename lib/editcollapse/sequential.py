@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import metrics, perplexity
-from .editors import EditError, EditRequest, EditStack, get_editor
+from .editors import EditError, EditStack, get_editor
 from .editors.base import apply_state
+from .experiments import apply_case
 from .models import LoadedModel
 from .nethook import get_parameter
 from .paths import in_repo
@@ -141,10 +142,7 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
             case = cases[step - 1]
             t0 = time.perf_counter()
             try:
-                request = EditRequest.from_case(case)
-                request.validate()
-                reference = metrics.locality_reference(lm, case)
-                result = stack.apply(editor, request)
+                result, reference = apply_case(lm, lambda request: stack.apply(editor, request), case)
             except EditError as e:
                 state.save(step, {n: get_parameter(lm.model, n) for n in original}, original)
                 measure(step, case, dict(error=f"{type(e).__name__}: {e}"))

@@ -199,6 +199,7 @@ def test_paper_presets_match_the_papers_code():
     ({"kl_prompt": "is a"}, "kl_prompt"),
     ({"v_lr": -1}, "v_lr must be a number"),
     ({"context_template_length_params": [(5, 0)]}, "context_template_length_params"),
+    ({"context_template_length_params": [(5, 3)]}, "count a positive multiple of 5"),
     ({"layr": 3}, "unknown ROMEHyperParams setting"),
 ])
 def test_bad_hyper_parameters_are_refused_when_the_editor_is_built(hparams, message):

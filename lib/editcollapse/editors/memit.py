@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import EditError
-from ..keys import STARTERS, context_templates, edit_texts
+from ..keys import check_template_lengths, context_templates, edit_texts
 from ..models import LoadedModel
 from ..nethook import Trace
 from ..stats import Moment, second_moment
@@ -66,14 +66,8 @@ class SpreadParams(VStarParams):
         check_int(self, "seed", 0)
         if self.mom2_n_tokens is not None:
             check_int(self, "mom2_n_tokens", 1)
-        try:
-            lengths = tuple((int(n), int(c)) for n, c in self.context_template_length_params)
-        except (TypeError, ValueError):
-            lengths = ()
-        if not lengths or any(n < 1 or c < len(STARTERS) or c % len(STARTERS) for n, c in lengths):
-            raise EditError(f"context_template_length_params must be pairs (length >= 1, count a positive multiple "
-                            f"of {len(STARTERS)}, one per starter), got {self.context_template_length_params!r}")
-        object.__setattr__(self, "context_template_length_params", lengths)
+        object.__setattr__(self, "context_template_length_params",
+                           check_template_lengths(self.context_template_length_params))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EditError
-from ..keys import context_templates, edit_keys
+from ..keys import check_template_lengths, context_templates, edit_keys
 from ..models import LoadedModel
 from ..stats import second_moment
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
@@ -47,14 +47,8 @@ class ROMEHyperParams(VStarParams):
             raise EditError(f"ROMEHyperParams.mom2_adjustment must be a bool, got {self.mom2_adjustment!r}")
         if self.mom2_n_tokens is not None:
             check_int(self, "mom2_n_tokens", 1)
-        try:
-            lengths = tuple((int(n), int(c)) for n, c in self.context_template_length_params)
-        except (TypeError, ValueError):
-            lengths = ()
-        if not lengths or any(n < 1 or c < 1 for n, c in lengths):
-            raise EditError("context_template_length_params must be pairs (length >= 1, count >= 1), "
-                            f"got {self.context_template_length_params!r}")
-        object.__setattr__(self, "context_template_length_params", lengths)
+        object.__setattr__(self, "context_template_length_params",
+                           check_template_lengths(self.context_template_length_params))
 
 
 # The papers' settings (their hparams/ROME/*.yaml, from Meng et al.). The local models use the
