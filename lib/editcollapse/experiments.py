@@ -77,7 +77,7 @@ def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl
     """
     case = case if isinstance(case, dict) else {}
     row = {k: case.get(k) for k in CASE_COLUMNS}
-    row.update(first_token=subject_is_first_token(lm, case), error=None)
+    row.update(first_token=subject_is_first_token(lm, case), trained_on=editor.trained_on(lm, case), error=None)
     t0 = time.perf_counter()
     try:
         result, reference = apply_case(lm, lambda request: editor.apply(lm, request), case)

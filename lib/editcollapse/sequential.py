@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -96,6 +97,14 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
     steps listed in `downstream_steps`. Returns the number of rows written by this call.
     """
     editor = get_editor(editor, **(editor_kwargs or {})) if isinstance(editor, str) else editor
+    with store.writing(), (downstream_store.writing() if downstream_store is not None else nullcontext()):
+        return _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps,
+                    downstream_store, downstream_kwargs, threshold)
+
+
+def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps, downstream_store,
+         downstream_kwargs, threshold) -> int:
+    """sequential_run's body, with the writers' locks held (released when the run ends or fails)."""
     ids = dict(experiment=experiment, run=run, model=lm.spec.name, editor=editor.name)
     done = {k[-1] for k in store.done() if k[:4] == tuple(ids.values())}
     state = RunState(in_repo(state_dir) / lm.spec.name / editor.name / f"{experiment}_{run}.safetensors",

@@ -41,7 +41,13 @@ def label_cases(rows: pd.DataFrame, reference: str = "rome") -> pd.DataFrame:
 
 def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD) -> pd.DataFrame:
     """Per (editor, dataset): edits, refused, collapsed, collapse_rate, ppl (max, median), the headline
-    metrics (mean over successful edits) and the median relative parameter change ‖ΔW‖/‖W‖."""
+    metrics (mean over successful edits) and the median relative parameter change ‖ΔW‖/‖W‖.
+
+    Edits of cases the editor was trained on (MEND's training split, column `trained_on`) are left
+    out, so that every score is a held-out score; `trained_on_left_out` counts them."""
+    seen = rows.trained_on.fillna(False).astype(bool) if "trained_on" in rows else pd.Series(False, index=rows.index)
+    left_out = seen.groupby([rows.editor, rows.dataset]).sum().astype(int)
+    rows = rows[~seen]
     ok = rows[rows.error.isna()] if "error" in rows else rows
     refused = (rows.groupby(["editor", "dataset"]).error.apply(lambda e: int(e.notna().sum()))
                if "error" in rows else 0)
@@ -51,6 +57,7 @@ def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD)
         **{m: (m, "mean") for m in HEADLINE if m in ok},
         median_rel_change=("rel_change", "median"), seconds_edit=("seconds_edit", "median"))
     table.insert(1, "refused", refused)
+    table["trained_on_left_out"] = left_out.reindex(table.index, fill_value=0)
     table.insert(3, "collapse_rate", table.collapsed / table.edits)
     return table
 

@@ -157,3 +157,14 @@ def test_bad_settings_are_refused():
     for bad in (dict(layers=[2, 1]), dict(layers=[]), dict(rank=0), dict(lr=-1.0), dict(c_loc="x"), dict(steps=3)):
         with pytest.raises(EditError):
             MEND(hparams=bad)
+
+
+def test_mend_knows_the_cases_it_was_trained_on(tiny_models):
+    from editcollapse import data
+    from editcollapse.editors import get_editor
+
+    lm, mend = tiny_models("tiny-gpt2"), get_editor("mend")
+    train, held = data.load_counterfact("train", n=1)[0], data.load_counterfact("val", n=1)[0]
+    assert mend.trained_on(lm, train) and not mend.trained_on(lm, held)
+    assert mend.trained_on(lm, data.load_zsre()[0]) and not mend.trained_on(lm, data.load_zsre()[950])
+    assert not get_editor("rome").trained_on(lm, train)

@@ -55,6 +55,12 @@ def test_a_run_has_one_row_per_step_and_restores_the_model(tiny_models, tmp_path
     # a finished run writes nothing more
     assert sequential_run(lm, "rome", cases(), store, run="normal", ppl_size=50, state_dir=tmp_path / "state",
                           editor_kwargs=dict(hparams=FAST)) == 0
+    # the run released the store's writer lock: another process can write to the store now
+    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0][list(store.key)].items()}
+    code = (f"from editcollapse.sequential import sequential_store; "
+            f"sequential_store({str(tmp_path)!r}, 'seq').append(dict({row!r}, step=99))")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert 99 in set(store.read().step)
 
 
 def test_an_interrupted_run_resumes_without_repeating_or_losing_a_step(tiny_models, tmp_path, monkeypatch):

@@ -84,3 +84,14 @@ def test_downstream_table_takes_each_runs_last_step_and_the_original_on_top():
     assert table.index.tolist() == [("original", ""), ("hard", "rome"), ("normal", "rome")]
     assert table["piqa acc"].tolist() == [0.7, 0.5, 0.68]
     assert table.perplexity.tolist() == [100.0, 7000, 130]
+
+
+def test_edits_of_cases_an_editor_was_trained_on_are_left_out():
+    base = dict(rows().iloc[1])
+    trained = pd.DataFrame([dict(base, editor="mend", case_id=1, efficacy=1.0, trained_on=True),
+                            dict(base, editor="mend", case_id=2, efficacy=0.0, trained_on=False),
+                            dict(base, editor="rome", case_id=2, efficacy=1.0, trained_on=False)])
+    table = single_edit_table(trained)
+    mend = table.loc[("mend", "counterfact")]
+    assert (mend.edits, mend.efficacy, mend.trained_on_left_out) == (1, 0.0, 1)
+    assert table.loc[("rome", "counterfact")].trained_on_left_out == 0

@@ -210,6 +210,11 @@ class Editor:
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx: WeightTransaction):
         raise NotImplementedError
 
+    def trained_on(self, lm: LoadedModel, case: dict) -> bool:
+        """Whether this editor was trained on `case` (MEND: its training split), so that its scores on
+        the case are not held-out scores. Editors that are not trained: never."""
+        return False
+
     def timed(self, phase: str):
         """`with self.timed("keys"): ...` adds the block's seconds to `self.clock[phase]`."""
         return _Timed(self.clock, phase)

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 
@@ -391,6 +392,12 @@ def training_cases() -> tuple[list[dict], str]:
     return cf + zsre, f"counterfact:train ({len(cf)}) + zsre:case_id<900 ({len(zsre)})"
 
 
+@lru_cache(maxsize=1)
+def training_ids() -> frozenset[tuple[str, int]]:
+    """(dataset, case_id) of `training_cases()`, the edits a default checkpoint was trained on."""
+    return frozenset((c["dataset"], int(c["case_id"])) for c in training_cases()[0])
+
+
 def held_out_cases(n: int = 20, dataset: str = "counterfact", seed: int = 0) -> list[dict]:
     """Cases MEND never trains on: CounterFact's val split, zsRE's cases 900..999."""
     from .. import data
@@ -502,6 +509,10 @@ class MEND(Editor):
 
     def hparams_for(self, lm: LoadedModel) -> MENDHyperParams:
         return hparams_for(MENDHyperParams, PRESETS, lm, self.hparams)
+
+    def trained_on(self, lm: LoadedModel, case: dict) -> bool:
+        """Whether `case` is one of the default training edits (CounterFact train, zsRE < 900)."""
+        return (case.get("dataset"), case.get("case_id")) in training_ids()
 
     def checkpoint_for(self, lm: LoadedModel) -> MENDCheckpoint:
         model = lm.spec.name
