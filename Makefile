@@ -34,6 +34,7 @@ help:
 	@echo "make test-unit    setup, then tests/unit only"
 	@echo "make reproduce    setup, then run notebooks/0*.ipynb headless: PROFILE=quick|paper ONLY='01, 02' SET='key=value ...'"
 	@echo "make lab          JupyterLab from $(ENV_DIR)"
+	@echo "make bench        one table of costs: perplexity, C, every editor, guard, sweeps on Ray (MODEL=, BENCH_ARGS=)"
 	@echo "make strip        remove outputs from notebooks/*.ipynb (do it before committing)"
 	@echo "make clean        remove notebooks/executed, results/, caches (keeps data/ and figures/)"
 
@@ -84,3 +85,9 @@ STEPS ?=
 .PHONY: train-mend
 train-mend: setup
 	$(PY) -m editcollapse.editors.mend train --model $(MODEL) --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))
+
+# One table of costs (bench/bench_all.py): perplexity, C, every editor, undo, guard, sweep one process vs Ray.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(PY) bench/bench_all.py --model $(MODEL) $(BENCH_ARGS)
