@@ -180,6 +180,35 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     return LoadedModel(model, tok, spec)
 
 
+def check_available(name: str) -> None:
+    """Raise ModelLoadError, saying what to do, unless `load_model(name)` can find the weights (nothing is loaded).
+
+    GGUF models: their package is installed. Hub models: the local Hugging Face cache holds the
+    weights, or (unless HF_HUB_OFFLINE is set) the hub answers for the repository.
+    """
+    spec = get_spec(name)
+    if spec.source == "gguf":
+        if importlib.util.find_spec(spec.gguf_package) is None:
+            raise ModelLoadError(f"model {spec.name!r} needs the package {spec.gguf_package!r}: run `make setup`")
+    elif spec.source == "hub":
+        from huggingface_hub import HfApi, try_to_load_from_cache
+        from huggingface_hub.utils import HfHubHTTPError
+
+        if isinstance(try_to_load_from_cache(spec.hub_id, "config.json"), str):
+            return
+        why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else None
+        if why is None:
+            try:
+                HfApi().model_info(spec.hub_id, timeout=10)
+                return
+            except (HfHubHTTPError, OSError, ValueError) as e:
+                why = f"the hub did not answer: {type(e).__name__}: {str(e)[:120]}"
+        raise ModelLoadError(f"model {spec.name!r} ({spec.hub_id}) is not in the local Hugging Face cache and {why}. "
+                             f"Download it first (`huggingface-cli download {spec.hub_id}`; Llama-2 needs an accepted "
+                             f"licence and a token), or use one of: "
+                             f"{', '.join(n for n, s in REGISTRY.items() if s.source == 'gguf')}")
+
+
 # ---------------------------------------------------------------- GGUF, with a safetensors cache
 def gguf_path(spec: ModelSpec) -> Path:
     """Locate the GGUF file inside its package (the package is never imported for SmolLM2)."""

@@ -217,6 +217,25 @@ def _strip_file(path: Path) -> None:
             nbformat.write(nb, path)
 
 
+def check_machine(params: dict[str, dict]) -> None:
+    """Refuse, before any notebook starts, a profile this machine cannot run: CUDA asked for and absent,
+    or a model whose weights cannot be found (`models.check_available`)."""
+    import torch
+
+    from .models import ModelLoadError, check_available
+
+    cuda = sorted(stem for stem, p in params.items() if str(p.get("device", "")).startswith("cuda"))
+    if cuda and not torch.cuda.is_available():
+        raise NotebookError(f"notebooks {cuda} ask for device=cuda, and this machine has no CUDA device (torch "
+                            f"{torch.__version__}). The paper profile needs one GPU (80 GB for GPT-J-6B and Llama-2-7b); "
+                            "on a CPU run PROFILE=quick")
+    for name in sorted({p["model"] for p in params.values() if "model" in p}):
+        try:
+            check_available(name)
+        except ModelLoadError as e:
+            raise NotebookError(str(e)) from None
+
+
 def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None) -> list[tuple[str, float]]:
     """Execute the selected notebooks in order; returns [(notebook stem, wall seconds)].
@@ -234,6 +253,7 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
         if unused:
             raise NotebookError(f"{kind} parameters {unused} are declared by no parameters cell of {stems}")
     params = {p.stem: notebook_parameters(profile, p.stem, declared[p.stem], overrides) for p in notebooks}
+    check_machine(params)
     out_dir = executed_dir or notebooks_dir / "executed" / profile_name
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []

@@ -152,3 +152,23 @@ def test_repository_notebooks_are_found_by_number():
     assert all(isinstance(p, Path) for p in find_notebooks(None))
     with pytest.raises(NotebookError, match="declared by no parameters cell"):
         run("quick", only=["01"], overrides=dict(no_such_parameter=1))
+
+
+def test_a_profile_this_machine_cannot_run_is_refused_before_any_notebook(monkeypatch):
+    """The paper profile asks for CUDA and hub weights: without them, a clear refusal and no notebook started."""
+    import torch
+
+    def no_notebook(*args, **kwargs):
+        raise AssertionError("a notebook was started")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_notebook)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NotebookError, match="device=cuda, and this machine has no CUDA device"):
+        run("paper", only=["02"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # whatever this cache holds
+    with pytest.raises(NotebookError, match=r"'gpt-j-6b' \(EleutherAI/gpt-j-6b\) is not in the local Hugging Face "
+                                            "cache and HF_HUB_OFFLINE is set"):
+        run("paper", only=["02"], overrides=dict(device="cpu"))
