@@ -22,7 +22,7 @@ from . import data, metrics, perplexity
 from .editors import EditError, EditRequest, get_editor
 from .tokens import subject_last_index
 from .models import LoadedModel
-from .paths import in_repo
+from .paths import data_dir, in_repo
 from .store import ResultStore, run_cases
 
 ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
@@ -161,29 +161,44 @@ def downstream_rows(lm: LoadedModel, editor_name: str | None, case: dict | None,
     return [dict(r, case_id=case["case_id"], status="edited") for r in table.to_dict("records")]
 
 
+def shipped_hardcf(model: str) -> list[dict] | None:
+    """This model's HardCF shipped in `data/hardcf/<model>.json` (the guard's screen of all of CounterFact,
+    confirmed by real edits: data/hardcf/SOURCE.md), or None where none ships."""
+    path = data_dir() / "hardcf" / f"{model}.json"
+    if not path.exists():
+        return None
+    cases = json.loads(path.read_text())
+    return [dict(c, dataset=c.get("dataset", "counterfact")) for c in cases]
+
+
 def hard_and_normal_cases(lm: LoadedModel, store: ResultStore, n: int, n_screen: int = 0, ppl_size: int = 50,
                           seed: int = 0) -> tuple[list[dict], list[dict]]:
     """This model's hard cases (HardCF: CounterFact cases that one ROME edit collapses) and as many normal ones.
 
-    Hard cases come from the single-edit rows of `store` (experiment `single_edit_ppl<ppl_size>`);
-    with `n_screen`, that many first-token cases are edited with ROME first (rows reused when
-    present), since they are where ROME collapses. At most `n` hard cases are returned, by case_id;
-    the normal cases are a seeded random sample of the same size among cases whose subject is not
-    the first token and that are not hard (the paper's "equal amount of normal samples").
+    Hard cases come from the shipped HardCF (`shipped_hardcf`) where there is one; otherwise from the
+    single-edit rows of `store` (experiment `single_edit_ppl<ppl_size>`), after editing `n_screen`
+    first-token cases with ROME (rows reused when present), since they are where ROME collapses.
+    At most `n` hard cases are returned, by case_id; the normal cases are a seeded random sample of
+    the same size among cases whose subject is not the first token and that are not hard (the
+    paper's "equal amount of normal samples").
     """
-    experiment = f"single_edit_ppl{ppl_size}"
     cf = data.load_counterfact()
-    if n_screen:
-        single_edit_sweep(lm, "rome", first_token_cases(lm, cf, n_screen, seed), store, experiment=experiment,
-                          ppl_size=ppl_size)
-    rows = store.read()
-    if rows.empty or "collapsed" not in rows:
-        hard_ids = []
-    else:
-        hit = rows[(rows.experiment == experiment) & (rows.model == lm.spec.name) & (rows.editor == "rome")
-                   & (rows.dataset == "counterfact") & rows.error.isna() & (rows.collapsed == True)]  # noqa: E712
-        hard_ids = sorted(int(i) for i in hit.case_id)[:n]
     by_id = {c["case_id"]: c for c in cf}
+    shipped = shipped_hardcf(lm.spec.name)
+    if shipped is not None:
+        hard_ids = sorted(int(c["case_id"]) for c in shipped)[:n]
+    else:
+        experiment = f"single_edit_ppl{ppl_size}"
+        if n_screen:
+            single_edit_sweep(lm, "rome", first_token_cases(lm, cf, n_screen, seed), store, experiment=experiment,
+                              ppl_size=ppl_size)
+        rows = store.read()
+        if rows.empty or "collapsed" not in rows:
+            hard_ids = []
+        else:
+            hit = rows[(rows.experiment == experiment) & (rows.model == lm.spec.name) & (rows.editor == "rome")
+                       & (rows.dataset == "counterfact") & rows.error.isna() & (rows.collapsed == True)]  # noqa: E712
+            hard_ids = sorted(int(i) for i in hit.case_id)[:n]
     hard = [by_id[i] for i in hard_ids]
     pool = [c for c in data.load_counterfact(n=20 * max(1, len(hard)), seed=seed)
             if c["case_id"] not in set(hard_ids) and not subject_is_first_token(lm, c)]

@@ -164,3 +164,22 @@ def test_hard_cases_are_the_rome_collapse_cases_and_normal_ones_match_their_numb
     assert [c["case_id"] for c in hard] == [4, 10]
     assert len(normal) == 2 and not {c["case_id"] for c in normal} & {4, 10, 12}
     assert not any(subject_is_first_token(lm, c) for c in normal)
+
+
+def test_a_shipped_hardcf_gives_the_hard_cases(tiny_models, tmp_path, monkeypatch):
+    """data/hardcf/<model>.json, where it exists, is the source of the hard cases (the store is not read)."""
+    import json
+    import shutil
+
+    from editcollapse import paths
+    from editcollapse.experiments import hard_and_normal_cases, results_store
+
+    lm = tiny_models("tiny-gpt2")
+    fake = tmp_path / "data"
+    shutil.copytree(paths.data_dir() / "CounterFact", fake / "CounterFact")
+    (fake / "hardcf").mkdir()
+    picked = [c for c in data.load_counterfact() if c["case_id"] in (30, 5, 17)]
+    (fake / "hardcf" / "tiny-gpt2.json").write_text(json.dumps([dict(c, ppl=5000.0) for c in picked]))
+    monkeypatch.setenv("EDITCOLLAPSE_DATA", str(fake))
+    hard, normal = hard_and_normal_cases(lm, results_store(tmp_path, "empty"), n=2)
+    assert [c["case_id"] for c in hard] == [5, 17] and len(normal) == 2
