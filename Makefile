@@ -69,7 +69,7 @@ reproduce: setup
 	$(PY) -m editcollapse.reproduce --profile $(PROFILE) $(if $(ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(SET),--set "$$EDITCOLLAPSE_SET")
 
 lab: setup
-	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(PY) -m jupyter lab notebooks/explorer.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
 
 strip: setup
 	$(PY) -m nbstripout notebooks/*.ipynb
