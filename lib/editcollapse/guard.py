@@ -9,9 +9,12 @@ it lies far from k̄, the denominator uᵀk^u is tiny and every ordinary key is 
 uᵀk̄/uᵀk^u times harder than the edited one: the model collapses. All of it is known once the
 keys are read, before v* is optimised and before any perplexity is measured:
 
-- features: the denominator (u/‖u‖)ᵀk^u as ROME reports it, uᵀk^u, the gain uᵀk̄/uᵀk^u,
-  cos(k^u, k̄), ‖k^u‖, ‖k̄‖, the subject's first and last position and its token count;
-- score = −log(denominator) (+∞ for a denominator ≤ 0): the higher, the likelier a collapse;
+- features: the denominator (u/‖u‖)ᵀk^u as ROME reports it, uᵀk^u (`denominator_raw`, the
+  divisor of Δ), the gain uᵀk̄/uᵀk^u, cos(k^u, k̄), ‖k^u‖, ‖k̄‖, the subject's first and last
+  position and its token count;
+- score = −log(uᵀk^u) (+∞ for uᵀk^u ≤ 0): the higher, the likelier a collapse. The divisor itself
+  separated the calibration half of SmolLM2's measured edits better than ROME's normalised
+  denominator (AUROC 0.96 against 0.91; docs/guard.md);
 - the threshold is chosen on a calibration split of measured single edits (`calibrate`) and
   the guard is judged on the other cases only (`evaluate`).
 
@@ -49,11 +52,14 @@ MODES = ("refuse", "warn", "switch")
 FEATURES = ("denominator", "denominator_raw", "gain", "cosine", "k_u_norm", "k_bar_norm",
             "subject_start", "subject_position", "subject_tokens")
 # Score thresholds calibrated (best F2 on a calibration half of measured ROME edits, all context templates) by
-# `python -m editcollapse.guard`; see data/hardcf/SOURCE.md. Keyed (model, mom2_adjustment).
+# `python -m editcollapse.guard`; see docs/guard.md and data/hardcf/SOURCE.md. Keyed (model, mom2_adjustment).
 THRESHOLDS: dict[tuple[str, bool], float] = {
-    ("smollm2-135m", False): 2.1074,  # denominator < 0.1216; 45 calibration edits (13 collapse)
+    ("smollm2-135m", False): 0.5832,  # uᵀk^u < 0.558; 117 calibration edits (40 collapse)
+    ("smollm2-135m", True): -3.4450,  # C over 100k WikiText-2 tokens: uᵀk^u < 31.3; 13 calibration edits (8 collapse)
 }
-DEFAULT_THRESHOLD = -math.log(0.5)  # uncalibrated models: denominator below 0.5 (normal edits: ~5)
+DEFAULT_THRESHOLD = -math.log(0.5)  # uncalibrated models: uᵀk^u below 0.5 (SmolLM2's normal edits: ~35)
+# Result stores (under results_dir) holding single-edit rows: the notebooks' store and the guard jobs' own.
+EDIT_STORES = ("single_edit", "guard_confirm", "guard_eval")
 
 
 class CollapseWarning(UserWarning):
@@ -223,7 +229,9 @@ def context_keys(lm: LoadedModel, requests: list[EditRequest], site: KeySite, pr
 
 # ---------------------------------------------------------------- features and score
 def score_of(denominator) -> np.ndarray:
-    """−log(denominator), +∞ where the denominator is ≤ 0: monotone decreasing in it (NaN, no keys, stays NaN)."""
+    """−log(denominator), +∞ where the denominator is ≤ 0: monotone decreasing in it (NaN, no keys, stays NaN).
+
+    The guard's score is score_of(uᵀk^u) (`denominator_raw`)."""
     d = np.asarray(denominator, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(np.isnan(d), np.nan, np.where(d > 0, -np.log(np.where(d > 0, d, 1.0)), np.inf))
@@ -285,15 +293,19 @@ def key_features(lm: LoadedModel, items, editor: Editor | None = None, batch_siz
                        first_token=bool(start == last == int(lm.spec.prepend_bos)))
             n += 1
         out += rows
-    df = pd.DataFrame(out)
-    if "denominator" not in df:
-        df["denominator"] = np.nan
-    df["score"] = score_of(df.denominator)
-    return df
+    return rescore(pd.DataFrame(out))
+
+
+def rescore(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` (key_features or screen rows) with score = score_of(denominator_raw), the guard's score."""
+    for col in ("denominator", "denominator_raw"):
+        if col not in df:
+            df[col] = np.nan
+    return df.assign(score=score_of(df.denominator_raw))
 
 
 def risk(lm: LoadedModel, request, editor: Editor | None = None) -> float:
-    """The guard's score of one request (EditRequest or case): −log of ROME's denominator, before any edit."""
+    """The guard's score of one request (EditRequest or case): −log(uᵀk^u), ROME's divisor, before any edit."""
     row = key_features(lm, [request], editor, batch_size=1).iloc[0]
     if row.error is not None:
         raise EditError(row.error)
@@ -354,7 +366,8 @@ def evaluate(scores, labels, threshold: float) -> dict:
     finite = np.where(np.isfinite(s), s, np.nanmax(s[np.isfinite(s)], initial=0) + 1)
     auroc = float(roc_auc_score(y, finite)) if 0 < y.sum() < len(y) else float("nan")
     return dict(n=len(y), collapse=int(y.sum()), flagged=int(flag.sum()), tp=tp, fp=fp, fn=fn, auroc=auroc,
-                precision=tp / (tp + fp) if tp + fp else float("nan"), recall=tp / (tp + fn) if tp + fn else float("nan"))
+                precision=tp / (tp + fp) if tp + fp else float("nan"),
+                recall=tp / (tp + fn) if tp + fn else float("nan"))
 
 
 # ---------------------------------------------------------------- the guard around an editor
@@ -408,7 +421,7 @@ class Guarded(Editor):
         if flagged.any():
             worst = feats.loc[feats.score.idxmax()]
             what = (f"the guard scores {int(flagged.sum())} of {len(requests)} request(s) as likely to collapse "
-                    f"{lm.spec.name} (case {worst.case_id}: denominator {worst.denominator:.3g}, score "
+                    f"{lm.spec.name} (case {worst.case_id}: uᵀk^u {worst.denominator_raw:.3g}, score "
                     f"{worst.score:.2f} > threshold {threshold:.2f})")
             if self.guard == "refuse":
                 raise EditError(f"{what}; refused, the model is unchanged. Use guard='switch' to edit with C-ROME "
@@ -483,17 +496,11 @@ def sweep_of(rows: pd.DataFrame, model: str, experiment: str = "single_edit_ppl5
                 & (rows.dataset == dataset) & rows.error.isna()].reset_index(drop=True)
 
 
-def labelled(lm: LoadedModel, store, features: pd.DataFrame, experiment: str = "single_edit_ppl50",
-             editor: str = "rome") -> pd.DataFrame:
-    """`label_rows` of the CounterFact rows of `experiment` by `editor` on this model in `store`."""
-    return label_rows(sweep_of(store.read(), lm.spec.name, experiment, editor), features)
-
-
 def assess(lm: LoadedModel, rows: pd.DataFrame, editor: Editor | None = None, cases: dict | None = None,
            beta: float = 2.0) -> tuple[pd.DataFrame, dict]:
     """The guard on measured single edits (`sweep_of` rows): features read afresh, threshold on the
-    calibration split, metrics on the other cases only. Returns (labelled frame, metrics dict with
-    threshold, threshold_denominator, held_out (evaluate), calibration (evaluate), per-feature AUROC)."""
+    calibration split, metrics on the other cases only. Returns (labelled frame, metrics dict with threshold,
+    threshold_u_k (uᵀk^u at the threshold), held_out (evaluate), calibration (evaluate), per-feature AUROC)."""
     from . import data
 
     cases = cases or {c["case_id"]: c for c in data.load_counterfact()}
@@ -501,14 +508,14 @@ def assess(lm: LoadedModel, rows: pd.DataFrame, editor: Editor | None = None, ca
     lab = label_rows(rows, feats)
     cal, test = lab[lab.calibration], lab[~lab.calibration]
     t = calibrate(cal.score, cal.label, beta) if cal.label.any() else threshold_for(lm, editor)
-    return lab, dict(threshold=t, threshold_denominator=math.exp(-t), calibrated=bool(cal.label.any()),
+    return lab, dict(threshold=t, threshold_u_k=math.exp(-t), calibrated=bool(cal.label.any()),
                      calibration=evaluate(cal.score, cal.label, t), held_out=evaluate(test.score, test.label, t),
                      features=feature_auroc(lab))
 
 
-def feature_auroc(lab: pd.DataFrame, features=("score", "gain", "cosine", "k_u_norm", "subject_position",
-                                               "subject_tokens")) -> pd.DataFrame:
-    """Held-out ROC AUC of each feature alone, its sign (higher = riskier or lower = riskier) set on the calibration split."""
+def feature_auroc(lab: pd.DataFrame, features=("score", "denominator", "gain", "cosine", "k_u_norm",
+                                               "subject_position", "subject_tokens")) -> pd.DataFrame:
+    """Held-out ROC AUC of each feature alone; its sign (higher or lower = riskier) is set on the calibration split."""
     from sklearn.metrics import roc_auc_score
 
     cal, test = lab[lab.calibration], lab[~lab.calibration]
@@ -545,37 +552,54 @@ def confirmation_plan(screened: pd.DataFrame, threshold: float, n_margin: int, r
 def recall_estimate(plan: pd.DataFrame, measured: pd.DataFrame) -> dict:
     """The screen's recall from the confirmation edits (`measured`: case_id, label).
 
-    Collapses among flagged cases are caught; margin collapses are misses; the rest's misses are
-    estimated from its uniform random sample (rate × size), with a 95 % Clopper-Pearson upper bound.
+    Collapses among flagged cases are caught; margin collapses are misses (both scaled up where a
+    stratum was not edited whole); the rest's misses are estimated from its uniform random sample
+    (rate × size), with a 95 % Clopper-Pearson upper bound. `*_model` does the same with a logistic
+    fit of label on score over all edited cases, summed over the cases not edited (model-based).
     """
     from scipy.stats import beta
+    from sklearn.linear_model import LogisticRegression
 
     m = plan.merge(measured[["case_id", "label"]], on="case_id", how="left")
     counts = {}
     for st in ("flagged", "margin", "rest"):
         part = m[m.stratum == st]
-        done = part[part.label.notna()]
+        done = part[part.label.notna() & part.edit]  # planned edits only: the rest's are its uniform sample
         counts[st] = dict(size=len(part), edited=len(done), collapse=int(done.label.astype(bool).sum()))
     f, mg, r = counts["flagged"], counts["margin"], counts["rest"]
     caught = f["collapse"] * (f["size"] / f["edited"]) if f["edited"] else 0.0
+    margin = mg["collapse"] * (mg["size"] / mg["edited"]) if mg["edited"] else 0.0
     rate = r["collapse"] / r["edited"] if r["edited"] else float("nan")
     upper = float(beta.ppf(0.95, r["collapse"] + 1, r["edited"] - r["collapse"])) if r["edited"] else float("nan")
-    missed, missed_hi = mg["collapse"] + rate * r["size"], mg["collapse"] + upper * r["size"]
+    missed, missed_hi = margin + rate * r["size"], margin + upper * r["size"]
+    x = m.score.astype(float).to_numpy()
+    x = np.where(np.isfinite(x), x, np.nanmax(x[np.isfinite(x)]) + 1)[:, None]
+    done = m.label.notna().to_numpy()
+    y = m.label[done].astype(bool).to_numpy()
+    p = (LogisticRegression().fit(x[done], y).predict_proba(x[~done])[:, 1] if 0 < y.sum() < len(y)
+         else np.full((~done).sum(), float(y.mean()) if len(y) else np.nan))
+    flagged_left = (m.stratum[~done] == "flagged").to_numpy()
+    caught_model = f["collapse"] + p[flagged_left].sum()
+    missed_model = mg["collapse"] + r["collapse"] + p[~flagged_left].sum()
     return dict(strata=counts, caught=caught, missed_estimate=missed, missed_upper95=missed_hi,
                 recall=caught / (caught + missed) if caught + missed else float("nan"),
                 recall_lower95=caught / (caught + missed_hi) if caught + missed_hi else float("nan"),
-                precision=f["collapse"] / f["edited"] if f["edited"] else float("nan"))
+                precision=f["collapse"] / f["edited"] if f["edited"] else float("nan"),
+                caught_model=float(caught_model), missed_model=float(missed_model),
+                recall_model=float(caught_model / (caught_model + missed_model)))
 
 
 def write_hardcf(path, confirmed: pd.DataFrame, cases: dict[int, dict], meta: dict) -> list[dict]:
-    """The confirmed collapse cases in CounterFact format with their ppl, denominator and score; JSON at `path`."""
+    """The confirmed collapse cases as CounterFact records (data/CounterFact's fields) plus the model, editor,
+    ME-PPL_50, the screen's denominator, uᵀk^u and score, first_token and stratum; JSON at `path`."""
     import json
 
     from .paths import in_repo
 
     hard = confirmed[confirmed.label.astype(bool)].sort_values("ppl", ascending=False)
-    out = [dict(cases[int(r.case_id)], model=meta["model"], editor=meta["editor"], ppl=float(r.ppl),
-                denominator=float(r.denominator), guard_score=float(r.score), first_token=bool(r.first_token),
+    out = [dict({k: v for k, v in cases[int(r.case_id)].items() if k != "dataset"}, model=meta["model"],
+                editor=meta["editor"], ppl=float(r.ppl), denominator=float(r.denominator),
+                u_k=float(r.denominator_raw), guard_score=float(r.score), first_token=bool(r.first_token),
                 stratum=r.stratum) for r in hard.itertuples()]
     path = in_repo(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,28 +607,76 @@ def write_hardcf(path, confirmed: pd.DataFrame, cases: dict[int, dict], meta: di
     return out
 
 
+def edit_rows(results_dir="results", stores=EDIT_STORES) -> pd.DataFrame:
+    """Single-edit rows of every store in `stores` that exists under `results_dir`; a key in several keeps the first."""
+    from .experiments import ROW_KEY, results_store
+    from .paths import in_repo
+
+    parts = [results_store(results_dir, n).read() for n in stores if (in_repo(results_dir) / f"{n}.jsonl").exists()]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame()
+    return pd.concat(parts, ignore_index=True).drop_duplicates(list(ROW_KEY)).reset_index(drop=True)
+
+
+def sweep_missing(lm: LoadedModel, editor_name: str, cases: list[dict], store, results_dir="results",
+                  **sweep) -> int:
+    """`single_edit_sweep` into `store` of the cases that no store of EDIT_STORES holds yet (in the given order)."""
+    from .experiments import single_edit_sweep
+
+    rows = edit_rows(results_dir)
+    exp, name = sweep.get("experiment", "single_edit"), get_editor(editor_name, **sweep.get("editor_kwargs", {})
+                                                                   or {}).name
+    done = set() if rows.empty else set(rows[(rows.experiment == exp) & (rows.model == lm.spec.name)
+                                             & (rows.editor == name)].case_id.astype(int))
+    todo = [c for c in cases if int(c["case_id"]) not in done]
+    if todo:
+        single_edit_sweep(lm, editor_name, todo, store, **sweep)
+    return len(todo)
+
+
+def screen_rows(store, experiment: str, model: str) -> pd.DataFrame:
+    """The rows of one screen in `store`, rescored (`rescore`)."""
+    rows = store.read()
+    if rows.empty:
+        return rows
+    return rescore(rows[(rows.experiment == experiment) & (rows.model == model)].reset_index(drop=True))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m editcollapse.guard: the labelled sweep, the screen, the confirmation edits and HardCF of a model."""
+    """python -m editcollapse.guard: the screen, the labelled sweep, the guard's evaluation, the confirmation
+    edits and the HardCF of a model."""
     import argparse
     import json
     import time
 
     from . import data
-    from .experiments import first_token_cases, results_store, single_edit_sweep
+    from .experiments import first_token_cases, results_store
     from .models import load_model
+    from .paths import in_repo
     from .perplexity import me_ppl
 
     ap = argparse.ArgumentParser(prog="python -m editcollapse.guard", description=main.__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default="results")
+    ap.add_argument("--edits", default="single_edit", choices=EDIT_STORES,
+                    help="the store new edits go to (edits in any of them are reused)")
     ap.add_argument("--out", default="data/hardcf", help="where the HardCF JSON and summary go ('' : nowhere)")
     ap.add_argument("--n-labelled", type=int, default=40, help="random CounterFact cases edited for calibration")
     ap.add_argument("--n-first", type=int, default=None, help="first-token cases edited for calibration (all)")
-    ap.add_argument("--n-random", type=int, default=80, help="uniform sample (seed 0) whose rest-stratum cases are edited")
-    ap.add_argument("--n-margin", type=int, default=20)
+    ap.add_argument("--n-low", type=int, default=0,
+                    help="the lowest-uᵀk^u cases of the screen (or of --low-from) edited for calibration")
+    ap.add_argument("--low-from", default=None, help="screen experiment that --n-low picks from (this run's)")
+    ap.add_argument("--n-random", type=int, default=80,
+                    help="uniform sample (seed 0) whose rest-stratum cases are edited")
+    ap.add_argument("--n-margin", type=int, default=20, help="highest-scoring cases below the threshold, all edited")
     ap.add_argument("--max-flagged", type=int, default=150)
-    ap.add_argument("--no-screen", action="store_true", help="features of the edited cases only, no whole screen")
+    ap.add_argument("--max-confirm", type=int, default=None,
+                    help="confirmation edits run now at most, in the guard's order (the rest stay unconfirmed)")
+    ap.add_argument("--screen-n", type=int, default=None,
+                    help="screen a seeded sample of this many cases only (no confirmation, no HardCF)")
+    ap.add_argument("--no-screen", action="store_true", help="features of the edited cases only, no screen")
     ap.add_argument("--mom2", action="store_true", help="ROME with mom2_adjustment (C over --mom2-tokens tokens)")
     ap.add_argument("--mom2-tokens", type=int, default=100_000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -620,51 +692,75 @@ def main(argv: list[str] | None = None) -> None:
     original = me_ppl(lm, 50, progress=False)["mean"]
     cf = data.load_counterfact()
     by_id = {c["case_id"]: c for c in cf}
-    first = first_token_cases(lm, cf, len(cf) if args.n_first is None else args.n_first, seed=0)
-    labelled_cases = sorted({c["case_id"]: c for c in first + data.load_counterfact(n=args.n_labelled, seed=0)
-                             }.values(), key=lambda c: c["case_id"])
-    print(f"[guard] {lm.spec.name}: ME-PPL_50 {original:.2f}; {len(first)} first-token cases; labelled sweep of "
-          f"{len(labelled_cases)} ROME edits{' with mom2' if args.mom2 else ''}", flush=True)
-    edits = results_store(args.results, "single_edit")
-    sweep = dict(experiment=experiment, ppl_size=50, ppl_original=original, editor_kwargs=dict(hparams=hparams))
-    single_edit_sweep(lm, "rome", labelled_cases, edits, **sweep)
+    edits = results_store(args.results, args.edits)
+    sweep = dict(results_dir=args.results, experiment=experiment, ppl_size=50, ppl_original=original,
+                 editor_kwargs=dict(hparams=hparams))
     screen_store = results_store(args.results, "guard_screen")
     screen_exp = f"guard_screen{suffix}" + (f"_ctx{args.screen_contexts}" if args.screen_contexts else "")
+    first = first_token_cases(lm, cf, len(cf) if args.n_first is None else args.n_first, seed=0)
+    labelled_cases = {c["case_id"]: c for c in first + data.load_counterfact(n=args.n_labelled, seed=0)}
+    whole = not args.no_screen and args.screen_n is None
     t1 = time.time()
-    screen(lm, labelled_cases if args.no_screen else cf, screen_store, editor, experiment=screen_exp,
-           batch_size=args.batch_size, n_contexts=args.screen_contexts)
+    if not args.no_screen:
+        to_screen = cf if whole else list({c["case_id"]: c for c in data.load_counterfact(n=args.screen_n, seed=0)
+                                           + list(labelled_cases.values())}.values())
+        screen(lm, to_screen, screen_store, editor, experiment=screen_exp, batch_size=args.batch_size,
+               n_contexts=args.screen_contexts)
     screen_seconds = time.time() - t1
-    screened = screen_store.read()
-    screened = screened[(screened.experiment == screen_exp) & (screened.model == lm.spec.name)]
-    print(f"[guard] screen: {len(screened)} cases ({time.time() - t1:.0f} s this run)", flush=True)
+    screened = screen_rows(screen_store, screen_exp, lm.spec.name)
+    if args.n_low:
+        pool = screened if args.low_from is None else screen_rows(screen_store, args.low_from, lm.spec.name)
+        if pool.empty:
+            raise SystemExit(f"--n-low needs a screen of {lm.spec.name}: none in {screen_store.path}")
+        low = pool[pool.error.isna()].sort_values("score", ascending=False).case_id.astype(int)[:args.n_low]
+        labelled_cases.update({i: by_id[i] for i in low})
+    labelled_cases = sorted(labelled_cases.values(), key=lambda c: c["case_id"])
+    print(f"[guard] {lm.spec.name}: ME-PPL_50 {original:.2f}; {len(first)} first-token cases; labelled sweep of "
+          f"{len(labelled_cases)} ROME edits{' with mom2' if args.mom2 else ''}; screen {len(screened)} cases",
+          flush=True)
+    sweep_missing(lm, "rome", labelled_cases, edits, **sweep)
     summary = dict(model=lm.spec.name, editor="rome", mom2_adjustment=args.mom2, ppl_original=original,
                    collapse_rule=f"ME-PPL_50 > {COLLAPSE_THRESHOLD:g} and > 2x the unedited {original:.2f}",
-                   screen_contexts=args.screen_contexts, screen_seconds_this_run=screen_seconds)
-    exact = key_features(lm, labelled_cases, editor, batch_size=args.batch_size)
+                   score="-log(u^T k^u)", screen_experiment=screen_exp, screen_contexts=args.screen_contexts,
+                   screen_seconds_this_run=screen_seconds)
+    measured_ids = sweep_of(edit_rows(args.results), lm.spec.name, experiment).case_id.astype(int)
+    exact = key_features(lm, [by_id[i] for i in measured_ids], editor, batch_size=args.batch_size)
     for name, feats in (("guard", exact), ("screen", screened)):
-        lab = labelled(lm, edits, feats, experiment)
+        if feats.empty:
+            continue
+        lab = label_rows(sweep_of(edit_rows(args.results), lm.spec.name, experiment), feats)
         cal = lab[lab.calibration]
         if cal.label.any():
             t, source = calibrate(cal.score, cal.label), "calibrated"
         else:
             t, source = threshold_for(lm, editor), "default: no collapse among the calibration edits"
-        summary[name] = dict(threshold_score=t, threshold_denominator=math.exp(-t), threshold_source=source,
-                             calibration_edits=len(cal), held_out=evaluate(lab[~lab.calibration].score,
-                                                                           lab[~lab.calibration].label, t))
+        summary[name] = dict(threshold_score=t, threshold_u_k=math.exp(-t), threshold_source=source,
+                             calibration=evaluate(cal.score, cal.label, t),
+                             held_out=evaluate(lab[~lab.calibration].score, lab[~lab.calibration].label, t))
         print(f"[guard] {name}: {summary[name]}", flush=True)
-    threshold = summary["screen"]["threshold_score"]
-    if not args.no_screen:
-        plan = confirmation_plan(screened, threshold, args.n_margin,
-                                 [c["case_id"] for c in data.load_counterfact(n=args.n_random, seed=0)],
-                                 args.max_flagged)
-        todo = [by_id[int(i)] for i in plan[plan.edit].case_id]
-        print(f"[guard] confirmation: {int((plan.stratum == 'flagged').sum())} flagged, {len(todo)} edits "
-              f"planned", flush=True)
-        single_edit_sweep(lm, "rome", todo, edits, **sweep)
-        measured = labelled(lm, edits, screened, experiment)
+    if whole:
+        threshold = summary["screen"]["threshold_score"]
+        random_ids = [c["case_id"] for c in data.load_counterfact(n=args.n_random, seed=0)]
+        plan = confirmation_plan(screened, threshold, args.n_margin, random_ids, args.max_flagged)
+        # flagged and margin in the guard's order (by score), then the rest in the sample's random order, so that
+        # an interrupted run leaves a uniform subsample of the rest
+        order = plan[plan.edit]
+        rest = order[order.stratum == "rest"].set_index("case_id")
+        order = pd.concat([order[order.stratum != "rest"],
+                           rest.loc[[i for i in random_ids if i in rest.index]].reset_index()])
+        todo = [by_id[int(i)] for i in order.case_id]
+        done = set(sweep_of(edit_rows(args.results), lm.spec.name, experiment).case_id.astype(int))
+        pending = [c for c in todo if c["case_id"] not in done]
+        run_now = pending if args.max_confirm is None else pending[:args.max_confirm]
+        print(f"[guard] confirmation: {int((plan.stratum == 'flagged').sum())} flagged, {len(todo)} edits planned, "
+              f"{len(todo) - len(pending)} done before, {len(run_now)} to run now", flush=True)
+        sweep_missing(lm, "rome", run_now, edits, **sweep)
+        measured = label_rows(sweep_of(edit_rows(args.results), lm.spec.name, experiment), screened)
         confirmed = plan.merge(measured[["case_id", "ppl", "label"]], on="case_id")
         summary.update(screened=len(screened), screen_errors=int(screened.error.notna().sum()),
-                       first_token_cases=len(first), **recall_estimate(plan, measured))
+                       first_token_cases=len(first), planned_edits=len(todo),
+                       unconfirmed=len(todo) - int(plan[plan.edit].case_id.isin(measured.case_id).sum()),
+                       **recall_estimate(plan, measured))
         if args.out:
             hard = write_hardcf(f"{args.out}/{lm.spec.name}{suffix}.json", confirmed, by_id,
                                 dict(model=lm.spec.name, editor="rome"))
@@ -672,8 +768,6 @@ def main(argv: list[str] | None = None) -> None:
     summary["seconds"] = time.time() - t0
     print("[guard] " + json.dumps(summary, default=float), flush=True)
     if args.out:
-        from .paths import in_repo
-
         path = in_repo(f"{args.out}/{lm.spec.name}{suffix}.summary.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1, default=float))

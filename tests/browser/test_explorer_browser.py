@@ -1,6 +1,6 @@
 """The edit explorer as a user sees it: JupyterLab headless on 127.0.0.1, Debian's Chromium driven by Playwright.
 
-The test opens notebooks/explorer.ipynb (its `edit_explorer()` cell), runs the cell, loads CounterFact case 946
+The test opens notebooks/explorer.ipynb (its parameters cell and its `edit_explorer()` cell), runs both, loads CounterFact case 946
 ("Bay, which is located in" → Italy, a subject that is the prompt's first token: ROME collapses
 SmolLM2 with it), clicks edit and reads the page: progress while the edit runs, the guard's risk
 shown before the result, the top-5 predictions before (checked against SmolLM2 loaded here) and
@@ -116,7 +116,8 @@ def test_an_edit_in_the_browser_shows_risk_predictions_collapse_and_undo(lab, sm
             page.goto(lab)
             page.get_by_text(re.compile(r"\| Idle$")).wait_for()  # the kernel is up (status bar)
             page.locator(".jp-Notebook .jp-CodeCell .jp-InputArea-editor").first.click()
-            page.keyboard.press("Shift+Enter")
+            page.keyboard.press("Shift+Enter")  # the parameters cell (model = ...)
+            page.keyboard.press("Shift+Enter")  # the explorer cell
             page.locator(".ec-edit").wait_for(state="visible")
             output = page.locator(".jp-OutputArea", has=page.locator(".ec-edit"))
 

