@@ -118,7 +118,7 @@ class Reference:
         lm, target = self.lm, request.target_new
         saved = {n: get_parameter(lm.model, n).detach().clone() for n in self.names}
         self.clock.seconds = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):
             if self.kind == "memit":
                 req = dict(prompt=request.template(), subject=request.subject, target_new=target, case_id=0)
@@ -137,26 +137,37 @@ class Reference:
                 get_parameter(lm.model, n).copy_(v)
         seconds = dict(self.clock.seconds, undo=time.perf_counter() - t0)
         seconds["rest"] = total - seconds.get("v_star", 0) - seconds.get("keys", 0)
-        return dict(seconds=seconds, total=total + seconds["undo"], deltas=deltas,
+        return dict(seconds=seconds, total=total + seconds["undo"], cpu=time.process_time() - c0, deltas=deltas,
                     z=self.clock.last["compute_z"].detach().double().cpu())
 
 
 def ours(lm, editor, request: EditRequest) -> dict:
+    c0 = time.process_time()
     result = editor.apply(lm, request)
     deltas = {n: (get_parameter(lm.model, n) - v).detach().clone() for n, v in result.saved.items()}
     t0 = time.perf_counter()
     result.undo()
     seconds = dict(result.seconds, undo=time.perf_counter() - t0)
-    return dict(seconds=seconds, total=seconds["total"] + seconds["undo"], deltas=deltas,
-                z=result.diagnostics["v_star"][0])
+    return dict(seconds=seconds, total=seconds["total"] + seconds["undo"], cpu=time.process_time() - c0, deltas=deltas,
+                z=result.diagnostics["v_star"][0], curve=result.diagnostics["loss_curves"][0])
 
 
 def summary(label: str, rows: list[dict]) -> float:
     total = np.mean([r["total"] for r in rows])
     phases = [p for p in rows[0]["seconds"] if p != "total"]
     parts = " + ".join(f"{p} {np.mean([r['seconds'].get(p, 0) for r in rows]):.2f}" for p in phases)
-    print(f"{label:>22}: {total:6.2f} s/edit = {parts}")
+    print(f"{label:>22}: {total:6.2f} s/edit = {parts}; CPU {np.mean([r['cpu'] for r in rows]):.2f} s/edit")
     return total
+
+
+def ratios(mine: list[dict], theirs: list[dict]) -> str:
+    """theirs/ours per case, wall and CPU time, with the spread over cases."""
+    out = []
+    for key in ("total", "cpu"):
+        r = np.array([b[key] / a[key] for a, b in zip(mine, theirs)])
+        total = sum(b[key] for b in theirs) / sum(a[key] for a in mine)
+        out.append(f"{'wall' if key == 'total' else 'CPU'} {total:.2f}x (per case {r.min():.2f}-{r.max():.2f}x)")
+    return "ours is faster by " + ", ".join(out)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -176,35 +187,42 @@ def main() -> None:
     lm = load_model(args.model)
     editors = {"memit": MEMIT(), "alphaedit": AlphaEdit()}
     t0 = time.perf_counter()
-    for ed in editors.values():
+    templates = {}
+    for kind, ed in editors.items():
         hp = ed.hparams_for(lm)
-        templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+        templates[kind] = context_templates(lm, hp.context_template_length_params, hp.seed)
         ed.prepare(lm, hp)  # C (and P): computed once per model and layer, cached, not part of an edit
+        print(f"{kind}: {hp}")
     print(f"{args.model} on {lm.device}, {torch.get_num_threads()} threads; templates, C and P ready in "
-          f"{time.perf_counter() - t0:.1f} s; layers {list(hp.layers)}")
+          f"{time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.2f}")
     refs = {}
     for kind, path in (("memit", args.reference), ("alphaedit", args.alphaedit_reference)):
         if path is not None:
-            refs[kind] = Reference(lm, editors[kind].hparams_for(lm), templates, kind, path.resolve())
+            refs[kind] = Reference(lm, editors[kind].hparams_for(lm), templates[kind], kind, path.resolve())
     rows = {k: [] for k in ("memit", "alphaedit", "ref memit", "ref alphaedit")}
     cases = data.load_counterfact(n=args.cases, seed=1)
     for i, case in enumerate(cases):
         request = EditRequest.from_case(case)
         for kind, ed in editors.items():
-            rows[kind].append(ours(lm, ed, request))
-            if kind in refs:
+            if kind in refs and i % 2:  # theirs first on every other case
                 rows["ref " + kind].append(refs[kind].edit(request))
+            rows[kind].append(ours(lm, ed, request))
+            if kind in refs and not i % 2:
+                rows["ref " + kind].append(refs[kind].edit(request))
+            if kind in refs:
                 a, b = rows[kind][-1], rows["ref " + kind][-1]
                 dw = max(rel(a["deltas"][n], b["deltas"][n]) for n in b["deltas"])
-                print(f"case {case['case_id']} {kind}: ours {a['total']:.2f} s, theirs {b['total']:.2f} s; "
+                print(f"case {case['case_id']} {kind}: ours {a['total']:.2f} s (CPU {a['cpu']:.2f} s), theirs "
+                      f"{b['total']:.2f} s (CPU {b['cpu']:.2f} s), {len(a['curve'])} steps ours; "
                       f"|z*-z*_ref|/|z*_ref| {rel(a['z'], b['z']):.1e}, max |dW-dW_ref|/|dW_ref| {dw:.1e}", flush=True)
             else:
                 print(f"case {case['case_id']} {kind}: {rows[kind][-1]['total']:.2f} s", flush=True)
     for kind in editors:
-        mine = summary(f"{kind} (ours)", rows[kind])
+        summary(f"{kind} (ours)", rows[kind])
         if rows["ref " + kind]:
-            theirs = summary(f"{kind} (authors')", rows["ref " + kind])
-            print(f"{'':>22}  ours is {theirs / mine:.2f}x faster")
+            summary(f"{kind} (authors')", rows["ref " + kind])
+            print(f"{'':>22}  {ratios(rows[kind], rows['ref ' + kind])}")
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,13 @@ def test_update_leaves_the_preserved_keys_outputs_unchanged(tiny_models, arch):
             dW = delta(lm, result, layer)
             assert (dW @ K0).norm() < 1e-4 * dW.norm() * K0.norm()
             K, R = d["keys"][layer], d["residuals"][layer]
-            lhs = dW @ (K.T @ K @ P + hp.L2 * torch.eye(len(P), dtype=P.dtype))
-            torch.testing.assert_close(lhs, R.T @ K @ P, rtol=1e-4, atol=1e-4 * (R.T @ K @ P).abs().max().item())
+            M = K.T @ K @ P + hp.L2 * torch.eye(len(P), dtype=P.dtype)
+            rhs = R.T @ K @ P
+            # dW is read back from the float32 weights: each entry is off by up to half an ulp of W, 2⁻²⁴|W|,
+            # which M can add up over a column (it matters on tiny-gemma3, whose mapped residuals are small)
+            W = lm.model.get_parameter(lm.spec.module("mlp_out", layer) + ".weight").detach()
+            storage = 2.0 ** -24 * W.abs().max().item() * M.abs().sum(0).max().item()
+            torch.testing.assert_close(dW @ M, rhs, rtol=1e-4, atol=1e-4 * rhs.abs().max().item() + storage)
 
 
 def test_sequential_edits_keep_the_keys_of_the_live_ones_and_undo_removes_them(tiny_models):

@@ -12,7 +12,9 @@ Then, for each layer l = R[i] in order (Sec. 4.3, Alg. 1), with the updates of R
     ΔW_l = R_l Kᵀ (λ C + K Kᵀ)⁻¹                 λ = mom2_update_weight, C = E[k kᵀ] at l
 
 (Eq. 14: the least-squares update that writes R_l at the keys K while keeping W k for the
-corpus keys behind C.) ΔW_l is applied before the keys of the next layer are read. With
+corpus keys behind C.) ΔW_l is applied before the keys of the next layer are read. (Gemma-3 normalises the MLP output
+before adding it to the residual; there R_l is first mapped back through that norm, see
+`through_post_norm`, an adaptation of ours.) With
 G = C⁻¹K (cached Cholesky factor of C) the update is ΔW_l = R_l (λI + KᵀG)⁻¹ Gᵀ, the same
 matrix through an n×n system instead of a d_k×d_k one.
 
@@ -90,10 +92,12 @@ PRESETS = {
     "gpt-j-6b": dict(_GPT, v_num_grad_steps=25, layers=(3, 4, 5, 6, 7, 8), mom2_update_weight=15000),
     "llama2-7b": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0, layers=(4, 5, 6, 7, 8),
                       mom2_update_weight=15000),
+    # calibrated: the Llama-2 settings with λ scaled to d_k = 1536 (docs/memit_calibration.md)
     "smollm2-135m": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
-                         layers=(4, 5, 6, 7, 8), mom2_update_weight=15000, mom2_n_tokens=100_000),
+                         layers=(4, 5, 6, 7, 8), mom2_update_weight=2000, mom2_n_tokens=100_000),
+    # the least bad of those tried; MEMIT edits Gemma-3 poorly in every setting (docs/memit_calibration.md)
     "gemma3-270m": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
-                        layers=(2, 3, 4, 5), mom2_update_weight=15000, mom2_n_tokens=100_000),
+                        layers=(3,), mom2_update_weight=2700, mom2_n_tokens=100_000),
     "tiny-gpt2": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
     "tiny-gptj": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
     "tiny-llama": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
@@ -177,14 +181,14 @@ class MEMIT(Editor):
         """Write z* − z over hp.layers, one layer after the other (the loop of Alg. 1); returns diagnostics."""
         with self.timed("stats"):
             self.prepare(lm, hp)
-        target = None
         per_layer, zs, keys, residuals = [], [], {}, {}
         for i, layer in enumerate(hp.layers):
             with self.timed("keys"):
                 K, z = read_keys(lm, [layer], hp.layers[-1], texts, idxs, weights)
             zs.append(z)
-            target = z_star - z if target is None else target
-            resid = (z_star - z) / (len(hp.layers) - i)
+            if i == 0:
+                target = z_star - z
+            resid = through_post_norm(lm, layer, K[layer], (z_star - z) / (len(hp.layers) - i))
             keys[layer], residuals[layer] = K[layer], resid
             with self.timed("update"):
                 delta = self.layer_update(lm, hp, layer, K[layer], resid)
@@ -215,6 +219,29 @@ class MEMIT(Editor):
                      resid: torch.Tensor) -> torch.Tensor:
         """ΔW_l [d_out, d_k] (float64) for keys K [n, d_k] and residuals [n, d_out]."""
         return memit_update(K, resid, moment(lm, layer, hp.mom2_n_tokens), hp.mom2_update_weight)
+
+
+def through_post_norm(lm: LoadedModel, layer: int, K: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """The change of the MLP output at keys K that adds `resid` to the residual stream.
+
+    `resid` itself where the MLP output is added as it is (GPT-2, GPT-J, Llama). Gemma-3 normalises
+    it first (post_feedforward_layernorm, y = g ⊙ x / √(mean(x²) + ε)): there the change is
+    resid ⊙ √(mean(x²) + ε) / g at the current output x = W k (first order with the denominator held,
+    exact for changes orthogonal to x; 0 where g = 0). Written unmapped, the update would be scaled by
+    g / rms(x), up to several hundred, and overshoot by far.
+    """
+    norm = getattr(lm.model.get_submodule(lm.spec.module("layer", layer)), "post_feedforward_layernorm", None)
+    if norm is None:
+        return resid
+    module = lm.model.get_submodule(lm.spec.module("mlp_out", layer))
+    with torch.no_grad():
+        W = module.weight.double().cpu()
+        x = K @ W.T + (0 if getattr(module, "bias", None) is None else module.bias.double().cpu())
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+        ones = torch.ones(1, W.shape[0], dtype=module.weight.dtype, device=module.weight.device)
+        g = norm(ones)[0].double().cpu() * (1 + eps) ** 0.5  # norm(1) = g / √(1 + ε)
+    writable = g.abs() > 1e-6 * g.abs().max()  # where g = 0 the MLP cannot write at all
+    return torch.where(writable, resid * (x.pow(2).mean(1, keepdim=True) + eps).sqrt() / g.where(writable, 1), 0)
 
 
 def read_keys(lm: LoadedModel, layers, z_layer: int, texts: list[str], idxs: list[int], weights: torch.Tensor):

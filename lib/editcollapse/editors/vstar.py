@@ -147,6 +147,15 @@ def _layers_below(lm: LoadedModel, module: str) -> int:
     return 0
 
 
+def _adds_to_layer_output(lm: LoadedModel, module: str) -> int | None:
+    """i where δ at `module`'s output is δ at the output of layer i: `module` is the MLP of layer i and
+    the block adds the MLP's output to the residual stream as it is (GPT-2, GPT-J, Llama; not Gemma-3,
+    which normalises it first). Then layer i does not depend on δ either, only the sum does."""
+    if lm.spec.arch not in ("gpt2", "gptj", "llama"):
+        return None
+    return next((i for i in range(lm.n_layers) if module == lm.spec.module("mlp", i)), None)
+
+
 @contextmanager
 def _standing_in(layers: torch.nn.ModuleList, stand_ins: list[torch.nn.Module]):
     """Temporarily replace the first len(stand_ins) layers."""
@@ -175,7 +184,9 @@ class _CachedForward:
     token (prefixes) through the whole model, keeping their attention cache, and the rest
     (suffixes) up to the first layer that depends on δ. Each step: the suffixes through the
     layers from there up only (the layers below stand in with their cached output), on a
-    fresh view of the prefix cache, scoring only the positions the loss needs.
+    fresh view of the prefix cache, scoring only the positions the loss needs. Where `module`
+    is an MLP whose output the block adds to the residual stream (ROME), its own layer stands
+    in too, and δ is added to that layer's cached output.
 
     Rows are split at their lookup index: the prefixes are left-padded so that every lookup
     token sits in column 0 of the suffix batch, which is right-padded.
@@ -200,7 +211,12 @@ class _CachedForward:
             else:
                 self.kwargs.update(attention_mask=s_mask)
             self.layers = get_module(lm.model, lm.spec.layer.removesuffix(".{}"))
-            below = _layers_below(lm, module)
+            below, self.v = _layers_below(lm, module), None
+            if (i := _adds_to_layer_output(lm, module)) is not None:
+                self.module, below = lm.spec.module("layer", i), i + 1
+                with Trace(lm.model, module, retain_output=True, stop=True) as t:
+                    lm.model.base_model(**self.step_kwargs())
+                self.v = t.output[:, 0]  # v_init: `module`'s own output at the lookup tokens
             self.stand_ins = []
             if below:
                 with Trace(lm.model, lm.spec.module("layer", below - 1), retain_output=True, stop=True) as t:
@@ -220,7 +236,7 @@ class _CachedForward:
         seen = {}
 
         def add_delta(out):
-            seen["v"] = out[:, 0].detach()
+            seen["v"] = out[:, 0].detach() if self.v is None else self.v
             out = out.clone()
             out[:, 0] += delta.to(out.dtype)
             return out
