@@ -1,0 +1,193 @@
+"""HardEdit pipeline: the endpoint back end against a local chat-completions server, validation, offline generator."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from editcollapse import data
+from editcollapse import hardedit as he
+
+GOOD = [{"prompt": "Thunder's occupation is", "subject": "Thunder", "target_new": "architect", "ground_truth": "actor"},
+        {"prompt": "Mango is a kind of", "subject": "Mango", "target_new": "vegetable", "ground_truth": "fruit"}]
+ANSWERS = {  # path -> (status, message content, finish_reason, delay in s)
+    "/good": (200, "Here you go:\n```json\n" + json.dumps(GOOD) + "\n```", "stop", 0),
+    "/malformed": (200, '[{"prompt": "Mango is", "subject": "Mango", "target_new": "x" "ground_truth": "y"}]', "stop", 0),
+    "/truncated": (200, json.dumps(GOOD)[:70], "length", 0),
+    "/refusal": (200, "I'm sorry, but I can't help with generating false facts.", "stop", 0),
+    "/error": (500, "internal error", None, 0),
+    "/slow": (200, json.dumps(GOOD), "stop", 3.0),
+}
+
+
+class ChatServer(BaseHTTPRequestHandler):
+    """POST <mode>/chat/completions answers ANSWERS[mode]; every request body is kept in `seen`."""
+
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatServer.seen.append(dict(path=self.path, body=body, auth=self.headers.get("Authorization")))
+        status, content, finish, delay = ANSWERS[self.path.removesuffix("/chat/completions")]
+        time.sleep(delay)
+        if status != 200:
+            payload = json.dumps({"error": {"message": content}}).encode()
+        else:
+            payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), ChatServer)
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def endpoint(url, **kw):
+    return he.EndpointGenerator(url, "test-model", api_key="k123", subjects=["Thunder", "Mango", "Paris"],
+                                examples=[dict(GOOD[0], case_id=1)], **kw)
+
+
+@pytest.fixture(scope="module")
+def counterfact():
+    return data.load_counterfact(n=500)
+
+
+def test_endpoint_good_answer_sends_the_papers_prompt(server, counterfact):
+    ChatServer.seen.clear()
+    [g] = endpoint(server + "/good").generate(1)
+    assert g.error is None and g.finish_reason == "stop" and g.generator == "endpoint"
+    req = ChatServer.seen[-1]
+    assert req["path"] == "/good/chat/completions" and req["auth"] == "Bearer k123"
+    assert req["body"]["model"] == "test-model" and req["body"]["messages"][0]["role"] == "user"
+    prompt = req["body"]["messages"][0]["content"]
+    assert prompt == g.prompt and "Generate 10 data points." in prompt
+    assert "Thunder's occupation is" in prompt and '"Mango"' in prompt  # HardCF example and subject list
+    cands, dropped = he.validate([g], counterfact)
+    assert [(c["subject"], c["target_new"]) for c in cands] == [("Thunder", "architect"), ("Mango", "vegetable")]
+    assert dropped.empty
+    assert all(c["case_id"] >= he.CASE_ID_BASE and c["generator"] == "endpoint" and c["rephrase_is_prompt"]
+               for c in cands)
+
+
+@pytest.mark.parametrize("mode, reason", [("/malformed", "malformed_json"), ("/truncated", "truncated"),
+                                          ("/refusal", "refusal"), ("/error", "error")])
+def test_endpoint_bad_answers_are_counted_and_dropped(server, counterfact, mode, reason):
+    gens = endpoint(server + mode).generate(2)  # the run goes on after a bad answer
+    cands, dropped = he.validate(gens, counterfact)
+    assert cands == [] and list(dropped.reason) == [reason, reason]
+    if mode == "/error":
+        assert gens[0].text is None and "500" in gens[0].error
+
+
+def test_endpoint_timeout_is_respected(server, counterfact):
+    t0 = time.perf_counter()
+    [g] = endpoint(server + "/slow", timeout=0.5).generate(1)
+    assert time.perf_counter() - t0 < 2.5  # the server answers after 3 s
+    assert g.text is None and g.error.startswith("timeout")
+    _, dropped = he.validate([g], counterfact)
+    assert list(dropped.reason) == ["timeout"]
+
+
+def test_endpoint_needs_url_and_model(monkeypatch):
+    monkeypatch.delenv("HARDEDIT_ENDPOINT", raising=False)
+    with pytest.raises(ValueError, match="HARDEDIT_ENDPOINT"):
+        he.EndpointGenerator.from_env(subjects=["a"])
+    monkeypatch.setenv("HARDEDIT_ENDPOINT", "http://127.0.0.1:9/v1/")
+    monkeypatch.setenv("HARDEDIT_MODEL", "m")
+    assert he.EndpointGenerator.from_env(subjects=["a"]).url == "http://127.0.0.1:9/v1/chat/completions"
+
+
+def gen(samples, text=None, finish="stop"):
+    return he.Generation("test", "p", json.dumps(samples) if text is None else text, finish)
+
+
+def test_validation_rejects_each_malformed_kind(counterfact):
+    cf = counterfact[0]
+    ok = dict(GOOD[0])
+    bad = {
+        "missing_field": {k: v for k, v in ok.items() if k != "ground_truth"},
+        "missing_field ": dict(ok, target_new="  "),
+        "missing_field  ": dict(ok, subject=7),
+        "subject_not_in_prompt": dict(ok, subject="Lightning"),
+        "subject_not_in_prompt ": dict(ok, subject="Thund"),  # part of a word only
+        "same_target": dict(ok, target_new="Actor"),
+        "duplicate_counterfact": {k: cf[k] for k in he.FIELDS} | {"target_new": cf["target_new"] + "x"},
+        "duplicate_candidate": dict(ok, target_new="plumber"),
+        "malformed_sample": "just a string",
+    }
+    gens = [gen([ok] + list(bad.values())), gen(None, "no json here"), gen(None, "[{\"prompt\": \"a\"", "length"),
+            gen(None, "I cannot do that."), gen(None, "{\"prompt\": }"), gen(None, "   "),
+            he.Generation("test", "p", None, error="http error 503: busy"), gen({"samples": [GOOD[1]]})]
+    cands, dropped = he.validate(gens, counterfact)
+    assert [c["subject"] for c in cands] == ["Thunder", "Mango"]
+    assert list(dropped.reason) == [k.strip() for k in bad] + ["malformed_json", "truncated", "refusal",
+                                                               "malformed_json", "empty", "error"]
+    assert dropped.generation.tolist() == [0] * len(bad) + [1, 2, 3, 4, 5, 6]
+    table = he.yield_table(gens, cands, dropped)
+    assert table.loc[0, "valid"] == 2 and table.loc[0, "dropped_missing_field"] == 3 and table.loc[0, "calls"] == 8
+
+
+def test_case_ids_are_stable_and_clear_of_counterfact():
+    a = he.case_id_of(GOOD[0])
+    assert a == he.case_id_of(dict(GOOD[0], prompt="  thunder's  occupation is")) and a >= he.CASE_ID_BASE
+    assert a != he.case_id_of(dict(GOOD[0], target_new="plumber"))
+
+
+def test_offline_generator_is_seeded_and_valid(tiny_models):
+    lm = tiny_models("tiny-llama")
+    cf = data.load_counterfact(n=2000)
+    make = lambda seed: he.OfflineGenerator(lm, seed=seed, first_token=False, max_subject_tokens=2, counterfact=cf)
+    g0, g1 = make(0).generate(2), make(1).generate(2)
+    assert [g.text for g in g0] == [g.text for g in make(0).generate(2)]
+    assert [g.text for g in g0] != [g.text for g in g1]
+    cands, dropped = he.validate(g0, cf)
+    assert len(g0) == 2 and len(cands) + len(dropped) == 20
+    assert set(dropped.reason) <= {"duplicate_candidate", "duplicate_counterfact"}
+    templates = {he.template_of(c) for c in cf}
+    by_id = {c["case_id"]: c for c in cf}
+    for c in cands:
+        assert he.template_of(c) in templates  # a CounterFact relation ...
+        assert len(lm.tok(" " + c["subject"], add_special_tokens=False)["input_ids"]) <= 2  # ... short subject
+        assert c["target_new"] != c["ground_truth"] and not c["rephrase_is_prompt"]
+        assert c["generator"] == "offline" and "CounterFact case" in c["generation_prompt"]
+        source = by_id[int(c["generation_prompt"].split("CounterFact case ")[1].split(":")[0])]
+        assert c["locality_prompt"] == source["prompt"] and c["ground_truth"] == source["locality_ground_truth"]
+
+
+def test_collapse_cases_and_pattern_from_rows(tiny_models):
+    lm = tiny_models("tiny-llama")
+    cf = data.load_counterfact(n=40)
+    rows = pd.DataFrame([dict(c, model="tiny-llama", editor="rome", error=None, ppl=p)
+                         for c, p in zip(cf, [5000.0, 20.0] * 20)])
+    hard = he.collapse_cases(rows, model="tiny-llama")
+    assert len(hard) == 20 and set(hard.case_id) == {c["case_id"] for c in cf[::2]}
+    with pytest.raises(ValueError, match="collapsed"):
+        he.collapse_cases(rows.drop(columns="ppl"))
+    table = he.pattern(lm, hard, reference=cf)
+    assert set(table.feature) == {"first_token", "subject_tokens", "relation", "target_tokens"}
+    for feat, t in table.groupby("feature"):
+        if feat != "relation":
+            assert t.rate_collapse.sum() == pytest.approx(1) and t.rate_counterfact.sum() == pytest.approx(1)
+    # hand count: the share of the collapse cases whose relation is the first one's
+    rel = he.template_of(cf[0])
+    n = sum(he.template_of(c) == rel for c in cf[::2])
+    assert table[(table.feature == "relation") & (table.value == rel)].rate_collapse.item() == pytest.approx(n / 20)
