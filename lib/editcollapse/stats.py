@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import load_wikitext
 from .models import LoadedModel
-from .nethook import Trace, TraceDict
+from .nethook import TraceDict
 from .paths import cache_dir
 
 CORPORA = {"wikitext": load_wikitext}
@@ -140,26 +140,31 @@ def _batches(lm: LoadedModel, ids: torch.Tensor, lengths: torch.Tensor, batch_to
 
 
 # ---------------------------------------------------------------- accumulation
-def _accumulate(lm: LoadedModel, module: str, ids: torch.Tensor, lengths: torch.Tensor, batch_tokens: int,
-                dtype: torch.dtype, skip_first: bool, marks=()) -> list[tuple[torch.Tensor, int]]:
-    """Σ k kᵀ and the number of keys, over non-padding positions (and not position 0 with skip_first).
+def _accumulate(lm: LoadedModel, modules: list[str], ids: torch.Tensor, lengths: torch.Tensor, batch_tokens: int,
+                dtype: torch.dtype, skip_first: bool, marks=()) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """Σ k kᵀ and the number of keys of each module's input, over non-padding positions (and not
+    position 0 with skip_first), all modules in one forward pass that stops after the last of them.
 
-    Returns the final (S, count), preceded by a snapshot after the first batch whose count
-    reaches each of `marks` (ascending).
+    Returns {module: [..., (S, count)]}: the final sums, preceded by a snapshot after the first
+    batch whose count reaches each of `marks` (ascending).
     """
-    S, count, out, marks = None, 0, [], sorted(marks)
-    for x, mask in _batches(lm, ids, lengths, batch_tokens, desc=f"C = E[kkᵀ] {module}"):
-        with torch.no_grad(), Trace(lm.model, module, retain_input=True, stop=True) as tr:
+    modules = sorted(modules, key=lambda m: list(dict(lm.model.named_modules())).index(m))
+    S, count, out, todo = dict.fromkeys(modules), 0, {m: [] for m in modules}, sorted(marks)
+    desc = f"C = E[kkᵀ] {modules[0]}" + (f" (+{len(modules) - 1} more)" if len(modules) > 1 else "")
+    for x, mask in _batches(lm, ids, lengths, batch_tokens, desc=desc):
+        with torch.no_grad(), TraceDict(lm.model, modules, retain_input=True, stop=True) as td:
             lm.model(input_ids=x, attention_mask=mask.long())
         if skip_first:
             mask[:, 0] = False
-        k = tr.input[mask].to(dtype)
-        S = k.T @ k if S is None else S.addmm_(k.T, k)
-        count += len(k)
-        while marks and count >= marks[0]:
-            out.append((S.clone(), count))
-            marks.pop(0)
-    return out + [(S, count)]
+        for m in modules:
+            k = td[m].input[mask].to(dtype)
+            S[m] = k.T @ k if S[m] is None else S[m].addmm_(k.T, k)
+        count += int(mask.sum())
+        while todo and count >= todo[0]:
+            for m in modules:
+                out[m].append((S[m].clone(), count))
+            todo.pop(0)
+    return {m: out[m] + [(S[m], count)] for m in modules}
 
 
 def _moment(S: torch.Tensor, count: int, meta: dict) -> Moment:
@@ -214,16 +219,28 @@ def second_moment(lm: LoadedModel, layer: int, n_tokens: int | None = DEFAULT_N_
     0). Cached under cache_dir()/stats/<model>/ with a JSON sidecar; a cache whose metadata
     differs from the request (incl. library version) is recomputed.
     """
-    request = _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first)
-    path = cache_path(request)
-    if use_cache and (hit := _load(path, request)) is not None:
-        return hit
-    ids, lengths = take_tokens(*corpus_windows(lm, corpus, request["seq_len"]), n_tokens)
-    (S, count), = _accumulate(lm, request["module"], ids, lengths, batch_tokens, dtype, skip_first)
-    m = _moment(S, count, dict(request, created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
-    if use_cache:
-        _save(path, m)
-    return m
+    return second_moments(lm, [layer], n_tokens, corpus, dtype, batch_tokens, seq_len, skip_first, use_cache)[layer]
+
+
+def second_moments(lm: LoadedModel, layers, n_tokens: int | None = DEFAULT_N_TOKENS, corpus: str = "wikitext",
+                   dtype: torch.dtype = torch.float64, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                   seq_len: int | None = None, skip_first: bool = False, use_cache: bool = True) -> dict[int, Moment]:
+    """`second_moment` of several layers {layer: Moment}: the ones not cached come from one shared pass
+    over the corpus (MEMIT's and AlphaEdit's layer ranges cost one pass, not one per layer)."""
+    requests = {L: _request(lm, L, n_tokens, corpus, dtype, seq_len, skip_first) for L in dict.fromkeys(layers)}
+    out = {L: hit for L, r in requests.items() if use_cache and (hit := _load(cache_path(r), r)) is not None}
+    missing = {r["module"]: L for L, r in requests.items() if L not in out}
+    if missing:
+        seq = next(iter(requests.values()))["seq_len"]
+        ids, lengths = take_tokens(*corpus_windows(lm, corpus, seq), n_tokens)
+        sums = _accumulate(lm, list(missing), ids, lengths, batch_tokens, dtype, skip_first)
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for module, L in missing.items():
+            (S, count), = sums[module]
+            out[L] = _moment(S, count, dict(requests[L], created=created))
+            if use_cache:
+                _save(cache_path(requests[L]), out[L])
+    return out
 
 
 # ---------------------------------------------------------------- studies
@@ -240,7 +257,8 @@ def convergence(lm: LoadedModel, layer: int, sizes: list[int], keys: torch.Tenso
     """
     request = _request(lm, layer, None, corpus, torch.float64, seq_len, skip_first)
     ids, lengths = corpus_windows(lm, corpus, request["seq_len"])
-    snaps = _accumulate(lm, request["module"], ids, lengths, batch_tokens, torch.float64, skip_first, sizes)
+    snaps = _accumulate(lm, [request["module"]], ids, lengths, batch_tokens, torch.float64, skip_first,
+                        sizes)[request["module"]]
     S_all, N = snaps[-1]
     snaps = [s for s in snaps[:-1] if s[1] < N] + snaps[-1:]  # a mark reached only by the last batch: once
     full = _moment(S_all, N, request)

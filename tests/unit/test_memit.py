@@ -8,7 +8,7 @@ from editcollapse.editors import MEMIT, EditError, EditRequest, edited
 from editcollapse.editors import memit
 from editcollapse.keys import context_templates, edit_keys
 from editcollapse.nethook import Trace, get_module
-from editcollapse.stats import second_moment
+from editcollapse.stats import second_moment, second_moments
 from editcollapse.tokens import subject_last_index
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
@@ -156,13 +156,14 @@ def test_C_is_read_once_per_layer_and_its_factor_reused(tiny_models, monkeypatch
     lm = tiny_models("tiny-llama")
     calls = []
     monkeypatch.setattr(memit, "_MOMENTS", weakref.WeakKeyDictionary())
-    monkeypatch.setattr(memit, "second_moment", lambda lm, layer, **kw: calls.append(layer) or second_moment(lm, layer, **kw))
+    monkeypatch.setattr(memit, "second_moments",
+                        lambda lm, layers, **kw: calls.append(list(layers)) or second_moments(lm, layers, **kw))
     ed = MEMIT(hparams=FAST)
     for r in REQS[:2]:
         with edited(lm, r, ed):
             pass
     layers = ed.hparams_for(lm).layers
-    assert calls == list(layers)
+    assert calls == [list(layers)]  # all the layers in one call (one pass over the corpus where not cached)
     factors = [memit._MOMENTS[lm.model][layer, 3000]._chol for layer in layers]
     with edited(lm, REQS[2], ed):
         pass

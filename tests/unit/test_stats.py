@@ -76,11 +76,11 @@ def test_padding_is_masked(lm64):
     lm = lm64("tiny-gpt2")
     ids, lengths = stats.take_tokens(*stats.corpus_windows(lm, CORPUS, T), N)
     module = lm.spec.module("mlp_out", 1)
-    (S, n), = stats._accumulate(lm, module, ids, lengths, 8 * T, torch.float64, False)
+    (S, n), = stats._accumulate(lm, [module], ids, lengths, 8 * T, torch.float64, False)[module]
     garbage = ids.clone()
     pad = torch.arange(T) >= lengths[:, None]
     garbage[pad] = torch.randint(3, 1000, (int(pad.sum()),))
-    (S2, n2), = stats._accumulate(lm, module, garbage, lengths, 8 * T, torch.float64, False)
+    (S2, n2), = stats._accumulate(lm, [module], garbage, lengths, 8 * T, torch.float64, False)[module]
     assert pad.sum() > 0 and n == n2 == N
     torch.testing.assert_close(S2, S, rtol=0, atol=1e-9)
     torch.testing.assert_close(S / n, direct_C(lm, 1, ids, lengths)[0], rtol=0, atol=1e-10)
@@ -164,3 +164,17 @@ def test_convergence_and_first_token_share(tiny_models):
     lengths = stats.take_tokens(*stats.corpus_windows(lm, CORPUS, T), 20 * T)[1]
     assert share.key_share.iloc[1] == pytest.approx(len(lengths) / (20 * T))
     assert share.trace_share.iloc[1] == pytest.approx(float(by_trace), rel=1e-6)
+
+
+def test_several_layers_in_one_pass_equal_one_layer_at_a_time(tiny_models, tmp_path, monkeypatch):
+    """second_moments over layers (one shared forward pass) gives each layer's second_moment bit for bit."""
+    from editcollapse import stats
+
+    monkeypatch.setenv("EDITCOLLAPSE_CACHE", str(tmp_path))
+    lm = tiny_models("tiny-llama")
+    together = stats.second_moments(lm, [2, 0], n_tokens=700, use_cache=False)
+    for layer in (0, 2):
+        alone = stats.second_moment(lm, layer, n_tokens=700, use_cache=False)
+        assert torch.equal(together[layer].C, alone.C) and together[layer].meta["count"] == alone.meta["count"] == 700
+    cached = stats.second_moments(lm, [0, 1], n_tokens=700)  # 0 and 1 computed and saved; then read back
+    assert torch.equal(stats.second_moments(lm, [1, 0], n_tokens=700)[1].C, cached[1].C)

@@ -28,7 +28,7 @@ import torch
 from ..errors import EditError
 from ..models import LoadedModel
 from .base import check_overrides, hparams_for, live_edits
-from .memit import MEMIT, SpreadParams, check_positive, moment
+from .memit import MEMIT, SpreadParams, check_positive, moment, moments
 
 _PROJECTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -113,6 +113,7 @@ class AlphaEdit(MEMIT):
         return hparams_for(AlphaEditHyperParams, PRESETS, lm, self.hparams)
 
     def prepare(self, lm: LoadedModel, hp: AlphaEditHyperParams) -> None:
+        moments(lm, hp.layers, hp.mom2_n_tokens)  # C of every layer in one pass where not cached
         self.null_dims = {layer: int(null_space(lm, layer, hp.mom2_n_tokens, hp.nullspace_threshold).trace().round())
                           for layer in hp.layers}
         self.n_preserved = {layer: 0 for layer in hp.layers}

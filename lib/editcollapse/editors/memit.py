@@ -34,7 +34,7 @@ from ..errors import EditError
 from ..keys import check_template_lengths, context_templates, edit_texts
 from ..models import LoadedModel
 from ..nethook import Trace
-from ..stats import Moment, second_moment
+from ..stats import Moment, second_moments
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
 from .vstar import VStarParams, check_int, compute_v_star, curve_summary
 
@@ -107,10 +107,17 @@ PRESETS = {
 
 def moment(lm: LoadedModel, layer: int, n_tokens: int | None) -> Moment:
     """C of `layer` from stats.second_moment, kept per live model so that its Cholesky factor is reused."""
+    return moments(lm, [layer], n_tokens)[layer]
+
+
+def moments(lm: LoadedModel, layers, n_tokens: int | None) -> dict[int, Moment]:
+    """`moment` of several layers; those not computed yet come from one pass (stats.second_moments)."""
     cache = _MOMENTS.setdefault(lm.model, {})
-    if (layer, n_tokens) not in cache:
-        cache[layer, n_tokens] = second_moment(lm, layer, **({} if n_tokens is None else {"n_tokens": n_tokens}))
-    return cache[layer, n_tokens]
+    todo = [L for L in layers if (L, n_tokens) not in cache]
+    if todo:
+        got = second_moments(lm, todo, **({} if n_tokens is None else {"n_tokens": n_tokens}))
+        cache.update({(L, n_tokens): m for L, m in got.items()})
+    return {L: cache[L, n_tokens] for L in layers}
 
 
 def template_weights(hp: SpreadParams, n_templates: int) -> torch.Tensor:
@@ -211,9 +218,8 @@ class MEMIT(Editor):
                     written_fraction=sum(d["written_fraction"] for d in per_layer) / len(per_layer))
 
     def prepare(self, lm: LoadedModel, hp: MEMITHyperParams) -> None:
-        """Load (or compute) C of every layer before any weight is written."""
-        for layer in hp.layers:
-            moment(lm, layer, hp.mom2_n_tokens)
+        """Load (or compute, in one pass) C of every layer before any weight is written."""
+        moments(lm, hp.layers, hp.mom2_n_tokens)
 
     def layer_update(self, lm: LoadedModel, hp: MEMITHyperParams, layer: int, K: torch.Tensor,
                      resid: torch.Tensor) -> torch.Tensor:
