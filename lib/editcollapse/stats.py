@@ -148,7 +148,8 @@ def _accumulate(lm: LoadedModel, modules: list[str], ids: torch.Tensor, lengths:
     Returns {module: [..., (S, count)]}: the final sums, preceded by a snapshot after the first
     batch whose count reaches each of `marks` (ascending).
     """
-    modules = sorted(modules, key=lambda m: list(dict(lm.model.named_modules())).index(m))
+    order = {name: i for i, (name, _) in enumerate(lm.model.named_modules())}
+    modules = sorted(modules, key=order.__getitem__)  # forward order: the pass stops after the last
     S, count, out, todo = dict.fromkeys(modules), 0, {m: [] for m in modules}, sorted(marks)
     desc = f"C = E[kkᵀ] {modules[0]}" + (f" (+{len(modules) - 1} more)" if len(modules) > 1 else "")
     for x, mask in _batches(lm, ids, lengths, batch_tokens, desc=desc):
