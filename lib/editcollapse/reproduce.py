@@ -236,6 +236,35 @@ def check_machine(params: dict[str, dict]) -> None:
             raise NotebookError(str(e)) from None
 
 
+def mend_models(params: dict[str, dict]) -> list[str]:
+    """The models on which some notebook edits with MEND (its `editors` or `random_editors`)."""
+    return sorted({p["model"] for p in params.values()
+                   if "model" in p and "mend" in [*(p.get("editors") or []), *(p.get("random_editors") or [])]})
+
+
+def train_missing_mend(params: dict[str, dict], profile_name: str) -> list[tuple[str, float]]:
+    """MEND edits only once it is trained: before the first notebook, train and save the checkpoint of each
+    model that misses one, as `make train-mend MODEL=... PROFILE=...` would (the preset's train_steps,
+    train_steps_paper in the paper profile). Returns [("train-mend <model>", wall seconds)]."""
+    from .editors import mend
+    from .models import load_model
+
+    todo = [m for m in mend_models(params) if not (mend.checkpoint_dir(m) / "mend.pt").exists()]
+    timings = []
+    for model in todo:
+        start = time.perf_counter()
+        lm = load_model(model, device=next(p.get("device") for p in params.values() if p.get("model") == model))
+        hp = mend.MEND().hparams_for(lm)
+        steps = hp.train_steps_paper if profile_name == "paper" else hp.train_steps
+        print(f"MEND has no checkpoint for {model} at {mend.checkpoint_dir(model)}: training it first "
+              f"({steps} steps, as `make train-mend MODEL={model}`)", flush=True)
+        folder = mend.train(lm, hp, steps).save(mend.checkpoint_dir(model))
+        del lm
+        timings.append((f"train-mend {model}", time.perf_counter() - start))
+        print(f"saved {folder} in {timings[-1][1]:.1f} s", flush=True)
+    return timings
+
+
 def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None) -> list[tuple[str, float]]:
     """Execute the selected notebooks in order; returns [(notebook stem, wall seconds)].
@@ -256,7 +285,7 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
     check_machine(params)
     out_dir = executed_dir or notebooks_dir / "executed" / profile_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings = []
+    timings = train_missing_mend(params, profile_name)
     for i, path in enumerate(notebooks, 1):
         out = out_dir / path.name
         print(f"[{i}/{len(notebooks)}] {path.stem} {params[path.stem]}", flush=True)

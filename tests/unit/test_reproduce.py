@@ -1,5 +1,6 @@
 """The headless runner: SET / ONLY parsing (from the Makefile as from the command line), parameter types
 checked before any notebook starts, and executed notebooks without progress bars."""
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -172,3 +173,23 @@ def test_a_profile_this_machine_cannot_run_is_refused_before_any_notebook(monkey
     with pytest.raises(NotebookError, match=r"'gpt-j-6b' \(EleutherAI/gpt-j-6b\) is not in the local Hugging Face "
                                             "cache and HF_HUB_OFFLINE is set"):
         run("paper", only=["02"], overrides=dict(device="cpu"))
+
+
+def test_mend_is_trained_before_the_first_notebook_that_edits_with_it(monkeypatch, tmp_path):
+    """A fresh machine has no MEND checkpoint: the runner trains it (the preset's steps) before any notebook
+    starts, and a second run finds it and trains nothing."""
+    from editcollapse.editors.mend import PRESETS, checkpoint_dir
+
+    monkeypatch.setenv("EDITCOLLAPSE_CACHE", str(tmp_path))
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda *a, **k: started.append((checkpoint_dir("tiny-llama") / "mend.pt").exists()))
+    overrides = dict(model="tiny-llama", device="cpu", editors=["rome", "mend"], random_editors=[],
+                     results_dir=str(tmp_path / "results"))
+    timings = run("quick", only=["03"], overrides=overrides, executed_dir=tmp_path / "executed")
+    assert started == [True] and [t[0] for t in timings] == ["train-mend tiny-llama", "03_sequential_edit"]
+    meta = json.loads((checkpoint_dir("tiny-llama") / "meta.json").read_text())
+    assert meta["model"] == "tiny-llama" and meta["steps"] == PRESETS["tiny-llama"]["train_steps"]
+    timings = run("quick", only=["03"], overrides=overrides, executed_dir=tmp_path / "executed")
+    assert [t[0] for t in timings] == ["03_sequential_edit"]
+    assert reproduce.mend_models({"a": dict(model="m1", editors=["rome"]), "b": dict(model="m2", random_editors=["mend"])}) == ["m2"]

@@ -4,7 +4,7 @@ import torch
 
 from editcollapse.editors import ROME, EditError, EditRequest, edited, get_editor
 from editcollapse.editors.rome import PRESETS, ROMEHyperParams
-from editcollapse.editors.vstar import compute_v_star
+from editcollapse.editors.vstar import _FewRowsHead, compute_v_star
 from editcollapse.keys import context_templates, keys_and_values
 from editcollapse.tokens import subject_last_index
 from editcollapse.nethook import get_module
@@ -50,6 +50,20 @@ def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
     assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
     assert len(curve_fast) == FAST["v_num_grad_steps"]  # every step ran (no early stop), so the cache was reused
+
+
+def test_few_rows_head_matches_linear_and_its_gradient():
+    """The LM head of the cached v* path: (W hᵀ)ᵀ forward, g W in vocabulary chunks backward (V not a multiple
+    of the chunk), equal to F.linear and its autograd."""
+    torch.manual_seed(0)
+    W, h = torch.randn(2500, 48, dtype=torch.float64), torch.randn(5, 48, dtype=torch.float64)
+    g = torch.randn(5, 2500, dtype=torch.float64)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out1, out2 = _FewRowsHead.apply(h1, W), torch.nn.functional.linear(h2, W)
+    torch.testing.assert_close(out1, out2)
+    (out1 * g).sum().backward()
+    (out2 * g).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

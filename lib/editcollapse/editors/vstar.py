@@ -91,8 +91,35 @@ def _build_prompts(lm: LoadedModel, request, templates: list[str], kl_prompt: st
     return _Prompts(ids, lookup, target_pos, target, len(templates))
 
 
+class _FewRowsHead(torch.autograd.Function):
+    """h Wᵀ for a few rows h [n, d] of hidden states against the LM head's W [V, d], in the layouts a CPU
+    BLAS runs fast: the forward as (W hᵀ)ᵀ, the gradient ∂L/∂h = g W in vocabulary chunks of 1,024 rows
+    of W. On SmolLM2 (V = 49,152) and 7 rows that is 3× faster for each than F.linear and its autograd,
+    which streams the 113 MB of W as a badly shaped GEMM; both are a fifth of a v* step."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(W)
+        return (W @ h.T).T
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (W,) = ctx.saved_tensors
+        grad = g.new_zeros(g.shape[0], W.shape[1])
+        for s in range(0, W.shape[0], 1024):
+            grad.addmm_(g[:, s:s + 1024], W[s:s + 1024])
+        return grad, None
+
+
 def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-    logits = lm.model.get_output_embeddings()(hidden).float()
+    """The LM head's logits (float32, Gemma's soft-capping applied) of hidden states [n, d]."""
+    head = lm.model.get_output_embeddings()
+    if hidden.device.type == "cpu" and hidden.dim() == 2 and len(hidden) <= 64 and isinstance(head, torch.nn.Linear) \
+            and not head.weight.requires_grad:
+        logits = _FewRowsHead.apply(hidden, head.weight)
+        logits = (logits if head.bias is None else logits + head.bias).float()
+    else:
+        logits = head(hidden).float()
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
