@@ -10,13 +10,12 @@ edit do not depend on how long it was trained). The same CounterFact cases for b
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-import torch
 
-from editcollapse import data, load_model
+from common import load, parser
+from editcollapse import data
 from editcollapse.editors import FT, MEND, EditRequest
 from editcollapse.editors.mend import checkpoint_dir, train
 
@@ -38,16 +37,11 @@ def line(label: str, rows: list[dict], phases: list[str], extra: str = "") -> st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--cases", type=int, default=3)
+    ap = parser(__doc__)
     ap.add_argument("--train-steps", type=int, default=10, help="MEND training steps timed")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
-    print(f"{args.model} on {lm.device}, {torch.get_num_threads()} threads, {args.cases} CounterFact edits")
+    lm = load(args)
+    print(f"{args.cases} CounterFact edits")
     cases = data.load_counterfact("val", n=args.cases, seed=1)
 
     hp = MEND().hparams_for(lm)

@@ -11,34 +11,22 @@ the time for the whole of CounterFact. Context templates are sampled once per mo
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-import torch
 
-from editcollapse import data, guard, load_model
+from common import load, parser
+from editcollapse import data, guard
 from editcollapse.editors import ROME, EditRequest
-from editcollapse.keys import context_templates
 from editcollapse.perplexity import me_ppl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--cases", type=int, default=3)
+    ap = parser(__doc__)
     ap.add_argument("--ppl", type=int, default=50)
     ap.add_argument("--screen", type=int, default=512, help="cases timed in the batched screen")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
-    hp = ROME().hparams_for(lm)
-    t0 = time.perf_counter()
-    context_templates(lm, hp.context_template_length_params, hp.seed)
-    print(f"{args.model} on {lm.device}, {torch.get_num_threads()} threads; context templates sampled once in "
-          f"{time.perf_counter() - t0:.2f} s")
+    lm = load(args, templates=True)
     cases = data.load_counterfact(n=args.cases, seed=1)
     guard.risk(lm, cases[0])  # warm-up
 

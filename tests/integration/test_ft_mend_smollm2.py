@@ -10,14 +10,11 @@ import torch
 from editcollapse import data, metrics
 from editcollapse.editors import FT, MEND, EditRequest, edited
 from editcollapse.editors.mend import checkpoint_dir, held_out_cases, train
+from tests.weights import snapshot
 
 pytestmark = pytest.mark.integration
 
 CASE = EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris")
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
 def p_new_beats_true(lm, request):

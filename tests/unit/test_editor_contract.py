@@ -15,6 +15,7 @@ from editcollapse import data, experiments
 from editcollapse.editors import EDITORS, EditError, EditRequest, EditStack, edited, get_editor, live_edits
 from editcollapse.editors import base, mend
 from editcollapse.models import load_model
+from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 # Few optimisation steps: the contract is about bookkeeping, not about edit quality.
@@ -51,15 +52,6 @@ def mend_checkpoints():
 def editor(name, **hparams):
     extra = {"checkpoint": mend_checkpoints()} if name == "mend" else {}
     return get_editor(name, hparams={**FAST.get(name, {}), **hparams}, **extra)
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def identical(lm, before) -> bool:
-    after = lm.model.state_dict()
-    return all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.fixture(params=ARCHS)

@@ -5,18 +5,11 @@ import torch
 from editcollapse import metrics
 from editcollapse.editors import FT, EditError, EditRequest, edited
 from editcollapse.tokens import target_ids
+from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft Windows", "Elon Musk")
 REQ2 = EditRequest("The capital of France is", "France", "Rome", "Paris")
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def identical(lm, before):
-    return all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -12,6 +12,7 @@ from editcollapse.editors import ROME, EditError, EditRequest, edited, live_edit
 from editcollapse.editors.memit import MEMIT
 from editcollapse.keys import edit_keys
 from editcollapse.stats import second_moment
+from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
@@ -21,14 +22,6 @@ REQS = [
     EditRequest("I saw Berlin in", "erlin", "Rome", case_id=3),  # refused: part of a word
     EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French", case_id=4),
 ]
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def identical(lm, before):
-    return all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,14 +7,11 @@ import torch
 from editcollapse import data, guard, keyspace
 from editcollapse.editors import ROME, EditRequest, edited
 from editcollapse.nethook import Trace
+from tests.weights import snapshot
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 TEXTS = ["The cat sat on the mat and looked at the door.", "Paris is the capital of France.",
          "A short line", "Numbers like 1 2 3 follow each other in order here."]
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])

@@ -10,16 +10,13 @@ from editcollapse.keys import context_templates, edit_keys
 from editcollapse.nethook import Trace, get_module
 from editcollapse.stats import second_moment, second_moments
 from editcollapse.tokens import subject_last_index
+from tests.weights import snapshot
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 FAST = dict(v_num_grad_steps=3, context_template_length_params=((4, 5),))
 REQS = [EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk"),
         EditRequest("The capital of France is", "France", "Rome", "Paris"),
         EditRequest("Tokyo is located in", "Tokyo", "Spain", "Japan")]
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
 def W(lm, layer):

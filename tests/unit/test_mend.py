@@ -10,18 +10,11 @@ from editcollapse.editors.ft import target_batch
 from editcollapse.editors.mend import (MENDCheckpoint, MENDNet, PRESETS, gradient_factors, held_out_cases, in_out,
                                        mlp_weights, train, validate)
 from editcollapse.nethook import get_module
+from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
 REQ2 = EditRequest("The capital of France is", "France", "Rome", "Paris")
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def identical(lm, before):
-    return all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
 def out_in(lm, module, t):

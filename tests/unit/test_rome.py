@@ -8,19 +8,11 @@ from editcollapse.editors.vstar import _FewRowsHead, compute_v_star
 from editcollapse.keys import context_templates, keys_and_values
 from editcollapse.tokens import subject_last_index
 from editcollapse.nethook import get_module
+from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
 FAST = dict(v_num_grad_steps=4, v_weight_decay=1e-3)
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def assert_identical(lm, before):
-    after = lm.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def mlp(lm, hp):
@@ -87,7 +79,7 @@ def test_update_solves_its_defining_equation(tiny_models, arch, consistent):
         torch.testing.assert_close(W1 @ x, W0 @ x, rtol=1e-4, atol=1e-5)
         assert d["denominator"] == pytest.approx((u @ k).item() / u.norm().item(), rel=1e-5)
         assert d["delta_norm"] == pytest.approx((W1 - W0).norm().item(), rel=1e-4)
-    assert_identical(lm, before)
+    assert identical(lm, before)
 
 
 def test_rome_update_is_exact_at_the_bare_prompt(tiny_models):
@@ -108,7 +100,7 @@ def test_many_edit_undo_cycles_restore_bit_identical_weights(tiny_models):
         result = get_editor(name, hparams=dict(FAST, v_num_grad_steps=2)).apply(lm, req)
         assert not all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
         result.undo()
-        assert_identical(lm, before)
+        assert identical(lm, before)
 
 
 def test_v_star_optimisation_lowers_the_target_nll(tiny_models):
@@ -150,7 +142,7 @@ def test_bad_requests_are_refused_and_leave_the_model_untouched(tiny_models, req
     before = snapshot(lm)
     with pytest.raises(EditError, match=message):
         ROME(hparams=FAST).apply(lm, request_)
-    assert_identical(lm, before)
+    assert identical(lm, before)
 
 
 def test_nan_in_the_optimisation_is_refused(tiny_models):
@@ -229,4 +221,4 @@ def test_stats_of_another_layer_are_refused(tiny_models):
     moment = second_moment(lm, 2, n_tokens=500, use_cache=False)
     with pytest.raises(EditError, match="stats are for tiny-llama layer 2"):
         ROME(hparams=dict(FAST, mom2_adjustment=True), stats=moment).apply(lm, REQ)
-    assert_identical(lm, before)
+    assert identical(lm, before)

@@ -14,20 +14,13 @@ import torch
 from editcollapse import data
 from editcollapse.editors import live_edits
 from editcollapse.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
+from tests.weights import snapshot, identical
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 
 
 def cases(n=4):
     return data.load_counterfact(n=n, seed=3)
-
-
-def snapshot(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def identical(lm, before):
-    return all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
 def test_param_change_by_hand():
