@@ -153,14 +153,16 @@ def test_an_edit_in_the_browser_shows_risk_predictions_collapse_and_undo(lab, sm
             page.screenshot(path=ARTIFACTS / "explorer_edit_page.png")
 
             assert risk_seen is not None and risk_seen[1] == "", "the risk was not shown before the result"
+            # phases of seconds are seen while they run (polled every 200 ms); the guard's read takes ~0.1 s on an
+            # idle machine and may fall between two polls, so every phase is checked in the final breakdown
             assert any("loading model smollm2-135m" in s for s in statuses), statuses
-            assert any("guard: reading the keys" in s for s in statuses), statuses
             assert any("rome: optimising v*" in s for s in statuses), statuses
             assert any("measuring perplexity" in s for s in statuses), statuses
             assert disabled_seen and page.locator(".ec-edit").is_enabled()
             assert page.locator(".ec-progress").is_visible()
             status = page.inner_text(".ec-status")
             assert status.startswith("edit applied in"), status
+            assert all(re.search(rf"{phase} [0-9.]+ s", status) for phase in ("model load", "guard", "edit", "perplexity")), status
 
             risk = page.inner_text(".ec-risk")
             m = re.search(r"guard: HIGH COLLAPSE RISK for rome: risk −log\(uᵀk\^u\) = (\S+) > threshold (\S+)", risk)
