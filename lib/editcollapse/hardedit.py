@@ -36,6 +36,7 @@ from .editors import EditError, EditRequest
 from .experiments import results_store, single_edit_sweep, subject_is_first_token
 from .models import LoadedModel
 from .paths import in_repo
+from .tokens import target_ids
 
 FIELDS = ("prompt", "subject", "target_new", "ground_truth")
 CF_FIELDS = ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt",
@@ -98,9 +99,9 @@ def case_features(lm: LoadedModel, cases) -> pd.DataFrame:
     rows = []
     for c in cases:
         rows.append(dict(case_id=c.get("case_id"), first_token=subject_is_first_token(lm, c),
-                         subject_tokens=len(lm.tok(" " + c["subject"].strip(), add_special_tokens=False)["input_ids"]),
+                         subject_tokens=len(target_ids(lm, c["subject"].strip())),
                          relation=template_of(c),
-                         target_tokens=len(lm.tok(" " + c["target_new"].strip(), add_special_tokens=False)["input_ids"])))
+                         target_tokens=len(target_ids(lm, c["target_new"].strip()))))
     return pd.DataFrame(rows, columns=["case_id", "first_token", "subject_tokens", "relation", "target_tokens"])
 
 
@@ -165,6 +166,11 @@ def pattern(lm: LoadedModel, hard: pd.DataFrame, reference: list[dict] | None = 
                      .sort_values(["lift", "n_collapse"], ascending=False))
     cols = ["feature", "value", "rate_collapse", "rate_counterfact", "lift", "n_collapse", "n_counterfact"]
     return pd.concat(parts, ignore_index=True)[cols]
+
+
+def single_token_subjects(lm: LoadedModel, cases) -> list[str]:
+    """The distinct subjects of `cases` that are one token for this model (the chat generators' subject list)."""
+    return sorted({c["subject"] for c in cases if len(target_ids(lm, c["subject"])) == 1})
 
 
 def preferred(table: pd.DataFrame, feature: str) -> list[str]:
@@ -349,7 +355,7 @@ class OfflineGenerator:
                 if subject is None:
                     continue
                 sample = dict(prompt=t.format(subject), subject=subject, ground_truth=c["locality_ground_truth"])
-                n_tokens = len(self.lm.tok(" " + subject, add_special_tokens=False)["input_ids"])
+                n_tokens = len(target_ids(self.lm, subject))
                 if n_tokens > self.max_subject_tokens or (self.first_token and not subject_is_first_token(
                         self.lm, dict(sample, target_new="x"))):
                     continue
@@ -621,8 +627,7 @@ def main(argv: list[str] | None = None) -> None:
         candidates = json.loads(cand_path.read_text())
         print(f"{len(candidates)} candidates from {cand_path}")
     else:
-        subjects = sorted({c["subject"] for c in data.load_counterfact()
-                           if len(lm.tok(" " + c["subject"], add_special_tokens=False)["input_ids"]) == 1})
+        subjects = single_token_subjects(lm, data.load_counterfact())
         examples = hard[list(FIELDS)].to_dict("records")
         first = "True" in preferred(table, "first_token")
         generations = OfflineGenerator(lm, seed=a.seed, first_token=first).generate(a.offline_calls)

@@ -32,18 +32,11 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from .tokens import target_ids
+
 CASE_FIELDS = ("prompt", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
                "locality_ground_truth", "dataset")
 PROMPT_FIELDS = ("prompt", "rephrase_prompt", "locality_prompt")
-
-
-def target_ids(lm, target: str) -> list[int]:
-    """Token ids of ``" " + target`` without BOS or other specials (the continuation scored)."""
-    if not isinstance(target, str):
-        raise ValueError(f"target must be a string, not {type(target).__name__} {target!r:.80}")
-    if not target.strip():
-        raise ValueError(f"target must be a non-empty string, got {target!r}")
-    return lm.tok(" " + target, add_special_tokens=False)["input_ids"]
 
 
 def with_prefix(prompt: str, prefix: str | None) -> str:

@@ -13,7 +13,7 @@ from .errors import EditError
 def target_ids(lm, target: str) -> list[int]:
     """Token ids of ``" " + target`` without BOS or other specials (the continuation scored)."""
     if not isinstance(target, str):
-        raise EditError(f"target must be a string, got {type(target).__name__} {target!r}")
+        raise EditError(f"target must be a string, not {type(target).__name__} {target!r:.80}")
     if not target.strip():
         raise EditError(f"target must be a non-empty string, got {target!r}")
     return lm.tok(" " + target, add_special_tokens=False)["input_ids"]
