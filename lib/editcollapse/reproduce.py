@@ -244,8 +244,8 @@ def mend_models(params: dict[str, dict]) -> list[str]:
 
 def train_missing_mend(params: dict[str, dict], profile_name: str) -> list[tuple[str, float]]:
     """MEND edits only once it is trained: before the first notebook, train and save the checkpoint of each
-    model that misses one, as `make train-mend MODEL=... PROFILE=...` would (the preset's train_steps,
-    train_steps_paper in the paper profile). Returns [("train-mend <model>", wall seconds)]."""
+    model that misses one, as `make train-mend MODEL=... PROFILE=...` does (`mend.train_and_save`).
+    Returns [("train-mend <model>", wall seconds)]."""
     from .editors import mend
     from .models import load_model
 
@@ -253,12 +253,10 @@ def train_missing_mend(params: dict[str, dict], profile_name: str) -> list[tuple
     timings = []
     for model in todo:
         start = time.perf_counter()
+        print(f"MEND has no checkpoint for {model} at {mend.checkpoint_dir(model)}: training it first, as "
+              f"`make train-mend MODEL={model} PROFILE={profile_name}` does", flush=True)
         lm = load_model(model, device=next(p.get("device") for p in params.values() if p.get("model") == model))
-        hp = mend.MEND().hparams_for(lm)
-        steps = hp.train_steps_paper if profile_name == "paper" else hp.train_steps
-        print(f"MEND has no checkpoint for {model} at {mend.checkpoint_dir(model)}: training it first "
-              f"({steps} steps, as `make train-mend MODEL={model}`)", flush=True)
-        folder = mend.train(lm, hp, steps).save(mend.checkpoint_dir(model))
+        _, folder = mend.train_and_save(lm, profile_name)
         del lm
         timings.append((f"train-mend {model}", time.perf_counter() - start))
         print(f"saved {folder} in {timings[-1][1]:.1f} s", flush=True)

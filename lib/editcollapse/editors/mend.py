@@ -607,6 +607,17 @@ def evaluate(lm: LoadedModel, editor: MEND | Editor, cases: list[dict], ppl_size
                 ppl_original=me_ppl(lm, ppl_size, progress=False)["mean"], rows=rows)
 
 
+def train_and_save(lm: LoadedModel, profile: str = "quick", steps: int | None = None, overrides: dict | None = None,
+                   n_val: int = 8, val_every: int = 50, out: str | Path | None = None) -> tuple[MENDCheckpoint, Path]:
+    """What `make train-mend` does: train with the preset's steps for `profile` (train_steps, or train_steps_paper
+    in the paper profile) unless `steps` is given, validating on `n_val` held-out CounterFact cases every
+    `val_every` steps, and save to `out` (default checkpoint_dir(model)). Returns (checkpoint, folder)."""
+    hp = MEND(hparams=overrides or {}).hparams_for(lm)
+    steps = steps or (hp.train_steps_paper if profile == "paper" else hp.train_steps)
+    ckpt = train(lm, hp, steps, val_cases=held_out_cases(n_val) if n_val else None, val_every=val_every)
+    return ckpt, ckpt.save(out or checkpoint_dir(lm.spec.name))
+
+
 def main(argv=None) -> None:
     from ..models import load_model
 
@@ -634,13 +645,9 @@ def main(argv=None) -> None:
     lm = load_model(args.model)
     if args.command == "train":
         overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-        hp = MEND(hparams=overrides).hparams_for(lm)
-        steps = args.steps or (hp.train_steps_paper if args.profile == "paper" else hp.train_steps)
-        val = held_out_cases(args.val) if args.val else None
-        ckpt = train(lm, hp, steps, val_cases=val, val_every=args.val_every)
-        folder = ckpt.save(args.out or checkpoint_dir(args.model))
+        ckpt, folder = train_and_save(lm, args.profile, args.steps, overrides, args.val, args.val_every, args.out)
         print(curve_table(ckpt.curve))
-        print(f"saved {folder} ({ckpt.meta['seconds']:.0f} s, {ckpt.meta['seconds'] / steps:.2f} s/step; "
+        print(f"saved {folder} ({ckpt.meta['seconds']:.0f} s, {ckpt.meta['seconds'] / ckpt.meta['steps']:.2f} s/step; "
               f"edit lrs {[f'{x:.2e}' for x in ckpt.meta['edit_lrs']]})")
     else:
         editor = MEND(checkpoint=args.checkpoint)
