@@ -26,7 +26,6 @@ import every editor of EasyEdit and their dependencies) are skipped.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -39,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from editcollapse import data, load_model
+from common import load, parser
+from editcollapse import data
 from editcollapse.editors import AlphaEdit, EditRequest, MEMIT
 from editcollapse.editors.alphaedit import null_space
 from editcollapse.editors.memit import moment
@@ -175,16 +175,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--cases", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap = parser(__doc__)
     ap.add_argument("--reference", type=Path, help="the EasyEdit fork of the Butterfly-Effect authors (MEMIT)")
     ap.add_argument("--alphaedit-reference", type=Path, help="the AlphaEdit authors' repository")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load(args)
     editors = {"memit": MEMIT(), "alphaedit": AlphaEdit()}
     t0 = time.perf_counter()
     templates = {}
@@ -193,8 +188,7 @@ def main() -> None:
         templates[kind] = context_templates(lm, hp.context_template_length_params, hp.seed)
         ed.prepare(lm, hp)  # C (and P): computed once per model and layer, cached, not part of an edit
         print(f"{kind}: {hp}")
-    print(f"{args.model} on {lm.device}, {torch.get_num_threads()} threads; templates, C and P ready in "
-          f"{time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.2f}")
+    print(f"templates, C and P ready in {time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.2f}")
     refs = {}
     for kind, path in (("memit", args.reference), ("alphaedit", args.alphaedit_reference)):
         if path is not None:

@@ -723,12 +723,12 @@ def main(argv: list[str] | None = None) -> None:
                    collapse_rule=f"ME-PPL_50 > {COLLAPSE_THRESHOLD:g} and > 2x the unedited {original:.2f}",
                    score="-log(u^T k^u)", screen_experiment=screen_exp, screen_contexts=args.screen_contexts,
                    screen_seconds_this_run=screen_seconds)
-    measured_ids = sweep_of(edit_rows(args.results), lm.spec.name, experiment).case_id.astype(int)
-    exact = key_features(lm, [by_id[i] for i in measured_ids], editor, batch_size=args.batch_size)
+    measured = sweep_of(edit_rows(args.results), lm.spec.name, experiment)
+    exact = key_features(lm, [by_id[i] for i in measured.case_id.astype(int)], editor, batch_size=args.batch_size)
     for name, feats in (("guard", exact), ("screen", screened)):
         if feats.empty:
             continue
-        lab = label_rows(sweep_of(edit_rows(args.results), lm.spec.name, experiment), feats)
+        lab = label_rows(measured, feats)
         cal = lab[lab.calibration]
         if cal.label.any():
             t, source = calibrate(cal.score, cal.label), "calibrated"
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
         order = pd.concat([order[order.stratum != "rest"],
                            rest.loc[[i for i in random_ids if i in rest.index]].reset_index()])
         todo = [by_id[int(i)] for i in order.case_id]
-        done = set(sweep_of(edit_rows(args.results), lm.spec.name, experiment).case_id.astype(int))
+        done = set(measured.case_id.astype(int))  # no edit ran since it was read
         pending = [c for c in todo if c["case_id"] not in done]
         run_now = pending if args.max_confirm is None else pending[:args.max_confirm]
         print(f"[guard] confirmation: {int((plan.stratum == 'flagged').sum())} flagged, {len(todo)} edits planned, "
