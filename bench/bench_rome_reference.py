@@ -1,6 +1,7 @@
 """ROME here against the authors' own ROME code: seconds per edit, side by side in one process.
 
     python bench/bench_rome_reference.py --reference PATH [--cases 3] [--repeats 2] [--threads 2]
+                                         [--model smollm2-135m] [--device cpu|cuda] [--random-weights]
 
 PATH is a checkout of the code of "The Butterfly Effect of Model Editing" and "The Fall of ROME"
 (Yang et al. 2024), their fork of EasyEdit, kept OUTSIDE this repository:
@@ -10,7 +11,12 @@ PATH is a checkout of the code of "The Butterfly Effect of Model Editing" and "T
 Its files are not changed. The bench imports only `easyeditor/models/rome` (not the package's
 `__init__`, which pulls in every other editor and its dependencies) and makes it run on the CPU at
 run time: in their `compute_v`, `torch.tensor(..., device="cuda:N")` and `torch.zeros(...)` drop the
-device, and `BatchEncoding.to("cuda:N")` goes to the CPU. Nothing else of theirs is touched.
+device, and `BatchEncoding.to("cuda:N")` goes to the CPU. Nothing else of theirs is touched. On
+CUDA (`--device cuda`, the default where there is one) their code runs as it is.
+
+`--random-weights` times the edits on --model's architecture at its published size with random
+weights (bench/common.random_model), for the papers' models where their weights are not at hand:
+every edit then runs all v* steps on both sides, and only the seconds mean anything.
 
 Both sides edit the same SmolLM2 (editcollapse.models.load_model, passed to theirs as the HF model
 and tokenizer) with the same hyper-parameters (our smollm2-135m preset, written into their
@@ -23,7 +29,6 @@ weight update ΔW between the two.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -36,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from editcollapse import data, load_model
+from common import load, parser, synchronize
+from editcollapse import data
 from editcollapse.editors import ROME, EditRequest
 from editcollapse.keys import context_templates, keys_and_values
 from editcollapse.nethook import get_parameter
@@ -64,8 +70,9 @@ class _CPUTorch(types.ModuleType):
         return torch.zeros(*args, **kwargs)
 
 
-def load_reference(path: Path):
-    """Their rome module (rome_main, compute_v), importable without their package __init__, on the CPU."""
+def load_reference(path: Path, on_cpu: bool = True):
+    """Their rome module (rome_main, compute_v), importable without their package __init__; `on_cpu`: made
+    to run on the CPU (on CUDA it runs as it is)."""
     root = path / "easyeditor"
     if not (root / "models" / "rome" / "compute_v.py").is_file():
         sys.exit(f"{path} is not a checkout of the authors' code (no easyeditor/models/rome/compute_v.py).\n\n"
@@ -75,6 +82,8 @@ def load_reference(path: Path):
         package.__path__ = [str(folder)]
         sys.modules[name] = package
     rome_main = importlib.import_module("easyeditor.models.rome.rome_main")
+    if not on_cpu:
+        return rome_main
     compute_v = importlib.import_module("easyeditor.models.rome.compute_v")
     compute_v.torch = _CPUTorch("torch")
     from transformers import BatchEncoding
@@ -104,6 +113,7 @@ def run_ours(lm, req: EditRequest, weight: str) -> dict:
     result = ROME().apply(lm, req)
     dW = W.detach() - before
     result.undo()
+    synchronize(lm)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     d = result.diagnostics
     return dict(seconds=seconds, cpu=cpu, steps=len(d["loss_curve"]), dW=dW, v_star=d["v_star"])
@@ -121,6 +131,7 @@ def run_theirs(rome_main, lm, req: EditRequest, hparams, weight: str) -> dict:
     dW = W.detach() - before
     with torch.no_grad():
         W[...] = saved[weight]
+    synchronize(lm)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert torch.equal(W, before)
     steps = sum(line.startswith("loss ") for line in log.getvalue().splitlines())
@@ -136,31 +147,29 @@ def their_v_star(lm, req: EditRequest, layer: int, dW: torch.Tensor) -> torch.Te
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu().float(), b.cpu().float()
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--reference", type=Path, help="a checkout of the authors' code (see --help)")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--cases", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.set_defaults(threads=2)
     args = ap.parse_args()
     if args.reference is None:
         print(HOW_TO_GET)
         sys.exit(2)
-    torch.set_num_threads(args.threads)
-    rome_main = load_reference(args.reference.resolve())
-    lm = load_model(args.model)
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    rome_main = load_reference(args.reference.resolve(), on_cpu)
+    lm = load(args)
     hp = ROME().hparams_for(lm)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     rome_main.CONTEXT_TEMPLATES_CACHE = templates  # theirs samples its own once per process otherwise
     hparams = their_hparams(rome_main, lm, hp)
     weight = lm.spec.module("mlp_out", hp.layer) + ".weight"
     cases = [EditRequest.from_case(c) for c in data.load_counterfact(n=args.cases, seed=1)]
-    print(f"{args.model} on {lm.device}, {torch.get_num_threads()} threads, layer {hp.layer}, "
-          f"{hp.v_num_grad_steps} steps at most; load average {os.getloadavg()[0]:.2f} at start")
+    print(f"layer {hp.layer}, {hp.v_num_grad_steps} steps at most; load average {os.getloadavg()[0]:.2f} at start")
 
     ours, theirs, diffs = [], [], []
     for r in range(args.repeats):

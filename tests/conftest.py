@@ -5,18 +5,20 @@ import pytest
 import torch
 
 from editcollapse.models import load_model
+from tests.device import DEVICE
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 on a shared machine
 
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    """Loader with memo: tiny_models('tiny-llama') -> LoadedModel on CPU (fresh weights per name)."""
+    """Loader with memo: tiny_models('tiny-llama') -> LoadedModel on tests.device.DEVICE (the CPU unless
+    EDITCOLLAPSE_TEST_DEVICE says otherwise; fresh weights per name)."""
     cache = {}
 
     def get(name="tiny-llama"):
         if name not in cache:
-            cache[name] = load_model(name, device="cpu")
+            cache[name] = load_model(name, device=DEVICE)
         return cache[name]
 
     return get
@@ -25,4 +27,4 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def smollm2():
     """The default model (first load converts the GGUF, later loads read the safetensors cache)."""
-    return load_model("smollm2-135m", device="cpu")
+    return load_model("smollm2-135m", device=DEVICE)

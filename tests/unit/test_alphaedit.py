@@ -6,6 +6,7 @@ from editcollapse.editors import AlphaEdit, EditError, EditRequest, EditStack, e
 from editcollapse.editors import alphaedit
 from editcollapse.models import load_model
 from editcollapse.stats import second_moment
+from tests.device import DEVICE
 
 from .test_memit import delta, snapshot
 
@@ -93,7 +94,7 @@ def test_earlier_keys_restrain_the_update_on_them(tiny_models):
 
 def test_projection_is_cached_per_model_object_and_threshold(tiny_models):
     lm = tiny_models("tiny-llama")
-    twin = load_model("tiny-llama", device="cpu")  # same name, another object
+    twin = load_model("tiny-llama", device=DEVICE)  # same name, another object
     P = alphaedit.null_space(lm, 1, 3000, 1e-4)
     assert alphaedit.null_space(lm, 1, 3000, 1e-4) is P
     assert alphaedit.null_space(lm, 1, 3000, 5e-5) is not P

@@ -15,6 +15,7 @@ from editcollapse import data, experiments
 from editcollapse.editors import EDITORS, EditError, EditRequest, EditStack, edited, get_editor, live_edits
 from editcollapse.editors import base, mend
 from editcollapse.models import load_model
+from tests.device import DEVICE
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
@@ -46,7 +47,7 @@ def mend_checkpoints():
     """MEND needs a trained checkpoint: one per tiny architecture, trained for 4 steps (seconds)."""
     cases = data.load_counterfact("train", n=20)
     return {arch: mend.train(lm, mend.MEND().hparams_for(lm), steps=4, cases=cases, progress=False)
-            for arch, lm in ((arch, load_model(arch, device="cpu")) for arch in ARCHS)}
+            for arch, lm in ((arch, load_model(arch, device=DEVICE)) for arch in ARCHS)}
 
 
 def editor(name, **hparams):

@@ -6,6 +6,7 @@ import pytest
 from editcollapse import data, experiments
 from editcollapse.data import MissingDataError
 from editcollapse.models import tiny_tokenizer
+from tests.device import DEVICE
 
 SIZES = (1, 3, 10, 40, 200)
 
@@ -51,7 +52,7 @@ def pool():
     from editcollapse.models import load_model
 
     cases = data.load_cases("counterfact", 300, seed=0)
-    tok = load_model("tiny-llama", device="cpu").tok
+    tok = load_model("tiny-llama", device=DEVICE).tok
     words = sorted({w for w in (tok.decode([i]) for i in range(len(tok))) if w.isalpha() and w[:1].isupper()})
     made = [dict(c, case_id=100_000 + i, subject=w, prompt=f"{w} is located in") for i, (c, w) in
             enumerate(zip(cases, words[:30]))]

@@ -60,7 +60,7 @@ def test_one_step_is_adams_first_step_on_the_prompt_last_loss(tiny_models, arch)
     assert len(tokens) >= 2  # every target token is scored at the same position
     W.requires_grad_(True)
     try:
-        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([lm.token_ids(REQ.prompt)])).logits[0, -1], -1)
+        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([lm.token_ids(REQ.prompt)], device=lm.device)).logits[0, -1], -1)
         (g,) = torch.autograd.grad(-logp[tokens].mean(), W)
     finally:
         W.requires_grad_(False)

@@ -60,7 +60,7 @@ def test_position_profile_counts_positions_from_the_first_text_token(tiny_models
     assert prof.position.min() == -bos and (prof[prof.position < 0].token == "BOS").all()
     assert (prof.hidden_norm > 0).all() and (prof.key_norm > 0).all()
     # the key norm at (text 0, layer 1, first text token) is the norm of the MLP-out input there
-    ids = torch.tensor([lm.token_ids(TEXTS[0])[:8 + bos]])
+    ids = torch.tensor([lm.token_ids(TEXTS[0])[:8 + bos]], device=lm.device)
     with torch.no_grad(), Trace(lm.model, lm.spec.module("mlp_out", 1), retain_input=True, stop=True) as t:
         lm.model(input_ids=ids)
     got = prof[(prof.text == 0) & (prof.layer == 1) & (prof.position == 0)].key_norm.item()
@@ -90,7 +90,7 @@ def test_second_to_first_changes_exactly_position_0(tiny_models):
     the weights are bit-identical afterwards. Rotary models refuse."""
     lm = tiny_models("tiny-gpt2")
     before = snapshot(lm)
-    ids = torch.tensor([lm.token_ids(TEXTS[0])])
+    ids = torch.tensor([lm.token_ids(TEXTS[0])], device=lm.device)
 
     def block0_input():
         with torch.no_grad(), Trace(lm.model, "transformer.h.0", retain_input=True, stop=True) as t:
@@ -125,8 +125,8 @@ def test_line_moments_by_hand(tiny_models):
     keys = []
     for x in lines:
         with torch.no_grad(), Trace(lm.model, lm.spec.module("mlp_out", 1), retain_input=True, stop=True) as t:
-            lm.model(input_ids=torch.tensor([lm.token_ids(x)[:16]]))
-        keys.append(t.input[0].double())
+            lm.model(input_ids=torch.tensor([lm.token_ids(x)[:16]], device=lm.device))
+        keys.append(t.input[0].double().cpu())
     K = torch.cat(keys)
     torch.testing.assert_close(ms["lines"].C, K.T @ K / len(K))
     first = torch.stack([k[0] for k in keys])

@@ -8,6 +8,7 @@ from editcollapse.metrics import (edit_metrics, locality_reference, predict_next
                                   target_token_acc, with_prefix)
 from editcollapse.models import load_model
 from editcollapse.nethook import get_module
+from tests.device import DEVICE
 
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
 PROMPTS = ["The capital of France is", "Danielle Darrieux's mother tongue is", "Toko Yasuda plays the",
@@ -27,7 +28,7 @@ def hand(lm, prompt, target):
     """(mean NLL, argmax ids, target ids) from one unpadded forward, position by position."""
     p, t = lm.token_ids(prompt), lm.tok(" " + target, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + t])).logits[0], -1)
+        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + t], device=lm.device)).logits[0], -1)
     nll = -sum(logp[len(p) - 1 + j, tok].item() for j, tok in enumerate(t)) / len(t)
     pred = [logp[len(p) - 1 + j].argmax().item() for j in range(len(t))]
     return nll, pred, t
@@ -79,7 +80,7 @@ def test_constructed_efficacy_flip(tiny_models):
     words = _single_token_words(lm)
     for prompt in PROMPTS:  # the first prompt whose argmax next token is a single-token word
         with torch.no_grad():
-            logits = lm.model(input_ids=torch.tensor([lm.token_ids(prompt)])).logits[0, -1]
+            logits = lm.model(input_ids=torch.tensor([lm.token_ids(prompt)], device=lm.device)).logits[0, -1]
         if logits.argmax().item() in words:
             break
     else:
@@ -126,7 +127,7 @@ def test_metric_values_match_hand_computation(tiny_models):
 
 
 def test_locality_acc_against_reference():
-    lm = load_model("tiny-gpt2", device="cpu")  # a private copy: its weights get changed below
+    lm = load_model("tiny-gpt2", device=DEVICE)  # a private copy: its weights get changed below
     c = case(dataset="zsre", locality_prompt="Which river runs through Paris?",
              locality_ground_truth="the Seine river, which flows into the English Channel")
     ref = locality_reference(lm, c)
@@ -170,7 +171,7 @@ def test_predict_next(tiny_models):
     lm = tiny_models("tiny-gemma3")
     top = predict_next(lm, PROMPTS[0], k=4)
     with torch.no_grad():
-        probs = lm.model(input_ids=torch.tensor([lm.token_ids(PROMPTS[0])])).logits[0, -1].softmax(-1)
+        probs = lm.model(input_ids=torch.tensor([lm.token_ids(PROMPTS[0])], device=lm.device)).logits[0, -1].softmax(-1)
     order = probs.argsort(descending=True)[:4].tolist()
     assert [t for t, _ in top] == [lm.tok.decode([i]) for i in order]
     assert [p for _, p in top] == pytest.approx(probs[order].tolist())

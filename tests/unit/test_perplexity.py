@@ -18,7 +18,7 @@ TEXTS = ["The capital of France is Paris, a city on the Seine.",
 
 def hand_ppl(lm, text, divide_by_all=False):
     """exp(-(1/n) sum log p(x_i | x_<i)) from one unpadded forward pass and an explicit log_softmax."""
-    ids = torch.tensor([lm.token_ids(text)])
+    ids = torch.tensor([lm.token_ids(text)], device=lm.device)
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(ids).logits[0].double(), dim=-1)
     total = sum(logp[i - 1, ids[0, i]].item() for i in range(1, ids.shape[1]))
@@ -45,7 +45,7 @@ def test_bos_rule_sets_the_predicted_tokens(tiny_models):
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         sentence_perplexities(gpt2, [text], progress=False)
     with torch.no_grad():
-        logp = torch.log_softmax(llama.model(torch.tensor([llama.token_ids(text)])).logits[0, 0].double(), -1)
+        logp = torch.log_softmax(llama.model(torch.tensor([llama.token_ids(text)], device=llama.device)).logits[0, 0].double(), -1)
     got = sentence_perplexities(llama, [text], progress=False)[0]
     assert got == pytest.approx(math.exp(-logp[raw[0]].item()), rel=1e-5)
 

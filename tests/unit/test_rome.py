@@ -20,9 +20,10 @@ def mlp(lm, hp):
 
 
 def mlp_out_weight(lm, layer):
-    """W as [d_out, d_in] whatever the module stores (GPT-2's Conv1D stores the transpose)."""
+    """W as [d_out, d_in] whatever the module stores (GPT-2's Conv1D stores the transpose), on the CPU beside
+    the diagnostics."""
     module = get_module(lm.model, lm.spec.module("mlp_out", layer))
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+    return (module.weight.T if type(module).__name__ == "Conv1D" else module.weight).detach().cpu()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -66,8 +67,8 @@ def test_update_solves_its_defining_equation(tiny_models, arch, consistent):
     before = snapshot(lm)
     layer = PRESETS[arch]["layer"]
     module = get_module(lm.model, lm.spec.module("mlp_out", layer))
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else 0
-    W0 = mlp_out_weight(lm, layer).detach().clone()
+    bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else 0
+    W0 = mlp_out_weight(lm, layer).clone()
     with edited(lm, REQ, ROME(consistent=consistent, hparams=FAST)) as result:
         d = result.diagnostics
         k = d["k_bar"] if consistent else d["k_u"]
@@ -89,7 +90,7 @@ def test_rome_update_is_exact_at_the_bare_prompt(tiny_models):
         layer = result.diagnostics["layer"]
         idx = subject_last_index(lm, REQ.template(), REQ.subject)
         _, v = keys_and_values(lm, layer, [REQ.prompt], [idx])
-        torch.testing.assert_close(v[0], result.diagnostics["v_star"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v[0].cpu(), result.diagnostics["v_star"], rtol=1e-4, atol=1e-5)
 
 
 def test_many_edit_undo_cycles_restore_bit_identical_weights(tiny_models):

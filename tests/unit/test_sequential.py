@@ -14,6 +14,7 @@ import torch
 from editcollapse import data
 from editcollapse.editors import live_edits
 from editcollapse.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
+from tests.device import DEVICE
 from tests.weights import snapshot, identical
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
@@ -108,12 +109,12 @@ def test_refused_edits_are_rows_and_downstream_is_taken_at_checkpoints(tiny_mode
 
 
 SCRIPT = textwrap.dedent("""
-    import sys
+    import os, sys
     from editcollapse import data
     from editcollapse.models import load_model
     from editcollapse.sequential import sequential_run, sequential_store
     out = sys.argv[1]
-    lm = load_model("tiny-llama", device="cpu")
+    lm = load_model("tiny-llama", device=os.environ.get("EDITCOLLAPSE_TEST_DEVICE", "cpu"))
     sequential_run(lm, "rome", data.load_counterfact(n=12, seed=3), sequential_store(out, "seq"), run="k",
                    state_dir=out + "/state", editor_kwargs=dict(hparams=dict(v_num_grad_steps=2,
                    context_template_length_params=((4, 5),))))

@@ -7,6 +7,7 @@ import torch
 from editcollapse import stats
 from editcollapse.models import load_model
 from editcollapse.nethook import Trace
+from tests.device import DEVICE
 
 N, T = 1500, 64  # tokens, window length: the last window used is cut short
 CORPUS = "wiki-head"  # first 50 lines of WikiText-2 (~8k tiny-tokenizer tokens); all of it takes seconds
@@ -25,7 +26,7 @@ def lm64():
 
     def get(name):
         if name not in cache:
-            cache[name] = load_model(name, device="cpu", dtype=torch.float64)
+            cache[name] = load_model(name, device=DEVICE, dtype=torch.float64)
         return cache[name]
     return get
 
@@ -35,8 +36,8 @@ def direct_C(lm, layer, ids, lengths, skip_first=False):
     keys = []
     for row, n in zip(ids, lengths):
         with torch.no_grad(), Trace(lm.model, lm.spec.module("mlp_out", layer), retain_input=True, stop=True) as t:
-            lm.model(input_ids=row[None, :n])
-        keys.append(t.input[0, 1 if skip_first else 0:])
+            lm.model(input_ids=row[None, :n].to(lm.device))
+        keys.append(t.input[0, 1 if skip_first else 0:].cpu())
     K = torch.cat(keys).double()
     return K.T @ K / len(K), len(K)
 
@@ -83,7 +84,7 @@ def test_padding_is_masked(lm64):
     (S2, n2), = stats._accumulate(lm, [module], garbage, lengths, 8 * T, torch.float64, False)[module]
     assert pad.sum() > 0 and n == n2 == N
     torch.testing.assert_close(S2, S, rtol=0, atol=1e-9)
-    torch.testing.assert_close(S / n, direct_C(lm, 1, ids, lengths)[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(S.cpu() / n, direct_C(lm, 1, ids, lengths)[0], rtol=0, atol=1e-10)
 
 
 def test_cache_round_trip_and_mismatch(tiny_models, monkeypatch):
