@@ -4,10 +4,12 @@ import torch
 
 from editcollapse.editors import ROME, EditError, EditRequest, edited, get_editor
 from editcollapse.editors.rome import PRESETS, ROMEHyperParams
-from editcollapse.editors.vstar import _FewRowsHead, compute_v_star
+from editcollapse.editors import vstar
+from editcollapse.editors.vstar import compute_v_star
 from editcollapse.keys import context_templates, keys_and_values
 from editcollapse.tokens import subject_last_index
 from editcollapse.nethook import get_module
+from transformers.pytorch_utils import Conv1D
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
@@ -45,18 +47,26 @@ def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
     assert len(curve_fast) == FAST["v_num_grad_steps"]  # every step ran (no early stop), so the cache was reused
 
 
-def test_few_rows_head_matches_linear_and_its_gradient():
-    """The LM head of the cached v* path: (W hᵀ)ᵀ forward, g W in vocabulary chunks backward (V not a multiple
-    of the chunk), equal to F.linear and its autograd."""
+@pytest.mark.skipif(not vstar._packing_available(), reason="this torch build has no oneDNN weight packing")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_packed_linear_matches_the_module_and_its_input_gradient(kind):
+    """The cached v* path's linear maps: W packed for oneDNN, forward and input gradient equal to the module's
+    (nn.Linear with bias, GPT-2's Conv1D with its transposed weight); the pack is renewed when W changes."""
     torch.manual_seed(0)
-    W, h = torch.randn(2500, 48, dtype=torch.float64), torch.randn(5, 48, dtype=torch.float64)
-    g = torch.randn(5, 2500, dtype=torch.float64)
-    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
-    out1, out2 = _FewRowsHead.apply(h1, W), torch.nn.functional.linear(h2, W)
-    torch.testing.assert_close(out1, out2)
+    module = torch.nn.Linear(48, 70) if kind == "linear" else Conv1D(70, 48)
+    module.requires_grad_(False)
+    if kind == "conv1d":
+        module.bias.normal_()
+    x, g = torch.randn(3, 5, 48), torch.randn(3, 5, 70)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, out2 = vstar._PackedLinear(module)(x1), module(x2)
+    torch.testing.assert_close(out1, out2, rtol=1e-5, atol=1e-5)
     (out1 * g).sum().backward()
     (out2 * g).sum().backward()
-    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        module.weight.mul_(2)  # an edit of W: the next pack is of the new W
+    torch.testing.assert_close(vstar._PackedLinear(module)(x), module(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
