@@ -45,6 +45,7 @@ from common import load, parser, synchronize
 from editcollapse import data
 from editcollapse.editors import ROME, EditRequest
 from editcollapse.keys import context_templates, keys_and_values
+from editcollapse.models import default_device
 from editcollapse.nethook import get_parameter
 from editcollapse.tokens import subject_last_index
 
@@ -160,7 +161,7 @@ def main() -> None:
     if args.reference is None:
         print(HOW_TO_GET)
         sys.exit(2)
-    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    on_cpu = torch.device(args.device or default_device()).type == "cpu"
     rome_main = load_reference(args.reference.resolve(), on_cpu)
     lm = load(args)
     hp = ROME().hparams_for(lm)

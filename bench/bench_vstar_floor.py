@@ -28,18 +28,16 @@ import torch.nn.functional as F
 from common import load, parser
 from editcollapse import data
 from editcollapse.editors import ROME, EditRequest
-from editcollapse.editors.vstar import (_build_prompts, _CachedForward, _logits, _packed, _PackedProduct,
+from editcollapse.editors.vstar import (_build_prompts, _CachedForward, _logits, _packed, _PackedLinear,
                                         _packing_available)
 from editcollapse.keys import context_templates
 
 
-def frozen_linear(W: torch.Tensor):
-    """x ↦ x Wᵀ for a frozen W [out, in], packed for oneDNN as ours is where the CPU allows."""
-    if not _packing_available():
-        return lambda x: x @ W.T
-    pack = torch.ops.mkldnn._reorder_linear_weight
-    w, wt = pack(W.contiguous(), 64), pack(W.T.contiguous(), 64)
-    return lambda x: _PackedProduct.apply(x, w, wt, None)
+def frozen_linear(W: torch.Tensor) -> torch.nn.Module:
+    """x ↦ x Wᵀ for a frozen W [out, in], packed for oneDNN as ours is (vstar._PackedLinear) where the CPU allows."""
+    linear = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    linear.weight = torch.nn.Parameter(W, requires_grad=False)
+    return _PackedLinear(linear) if _packing_available() else linear
 
 
 class MinimalStep:

@@ -11,7 +11,7 @@ from tokenizers.processors import TemplateProcessing
 from editcollapse import load_model
 from editcollapse.editors import ROME
 from editcollapse.keys import context_templates
-from editcollapse.models import LoadedModel, get_spec, tiny_tokenizer
+from editcollapse.models import LoadedModel, default_device, get_spec, tiny_tokenizer
 
 
 def paper_shape(name: str):
@@ -38,12 +38,13 @@ def paper_shape(name: str):
 
 def random_model(name: str, device: str | None = None, dtype: str = "float32") -> LoadedModel:
     """`name`'s architecture at its published size with random weights, and the tiny test tokenizer (its
-    1,000 ids lie inside every vocabulary; called plainly it adds BOS where the model takes one). Only timings mean anything on it: an edit does the same work
-    as on the real weights, but its v* loss never reaches the early stop, so every edit runs all steps."""
+    1,000 ids lie inside every vocabulary; called plainly it adds BOS where the model takes one). Only
+    timings mean anything on it: an edit does the same work as on the real weights, but its v* loss never
+    reaches the early stop, so every edit runs all steps."""
     from transformers import AutoModelForCausalLM
 
     spec = get_spec(name)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     config = paper_shape(name)
     tok = copy.deepcopy(tiny_tokenizer())
     if spec.prepend_bos:  # as the real tokenizer does when called plainly (the authors' code calls it so)
@@ -64,7 +65,8 @@ def synchronize(lm: LoadedModel) -> None:
 
 
 def parser(doc: str, cases: int = 3) -> argparse.ArgumentParser:
-    """--model, --cases, --threads, --device, --random-weights and --dtype, with the script's first docstring line as description."""
+    """--model, --cases, --threads, --device, --random-weights and --dtype, with the script's first docstring
+    line as description."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--cases", type=int, default=cases)

@@ -241,17 +241,9 @@ def _adds_to_layer_output(lm: LoadedModel, module: str) -> int | None:
     return next((i for i in range(lm.n_layers) if module == lm.spec.module("mlp", i)), None)
 
 
-@contextmanager
 def _standing_in(layers: torch.nn.ModuleList, stand_ins: list[torch.nn.Module]):
     """Temporarily replace the first len(stand_ins) layers."""
-    saved = list(layers[:len(stand_ins)])
-    try:
-        for i, m in enumerate(stand_ins):
-            layers[i] = m
-        yield
-    finally:
-        for i, m in enumerate(saved):
-            layers[i] = m
+    return _swapped_in([(layers, str(i), m) for i, m in enumerate(stand_ins)])
 
 
 def _fresh(cache):
