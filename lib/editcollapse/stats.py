@@ -67,14 +67,20 @@ class Moment:
         d = self.C.shape[0]
         if k.shape[-1] != d or k.dim() > 2:
             raise ValueError(f"k must be [{d}] or [m, {d}], not {list(k.shape)}")
+        L = self.cholesky()
+        rhs = k.reshape(-1, d).to(device=L.device, dtype=torch.float64).T
+        return torch.cholesky_solve(rhs, L).T.reshape(k.shape).to(device=k.device, dtype=k.dtype)
+
+    def cholesky(self) -> torch.Tensor:
+        """L with C = L Lᵀ (float64), computed once; ValueError when C is not positive definite."""
         if self._chol is None:
             L, info = torch.linalg.cholesky_ex(self.C.double())
             if info:
+                d = self.C.shape[0]
                 raise ValueError(f"C is not positive definite (leading minor {int(info)} of {d}); it holds "
                                  f"{self.count} keys of dimension {d}: use more tokens")
             self._chol = L
-        rhs = k.reshape(-1, d).to(device=self._chol.device, dtype=torch.float64).T
-        return torch.cholesky_solve(rhs, self._chol).T.reshape(k.shape).to(device=k.device, dtype=k.dtype)
+        return self._chol
 
 
 # ---------------------------------------------------------------- corpus windows

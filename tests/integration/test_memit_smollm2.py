@@ -31,5 +31,4 @@ def test_one_edit_flips_a_normal_case_and_undo_is_exact(smollm2, case, editor):
         assert m["efficacy"] == 1 and m["p_new"] > 0.5
         d = result.diagnostics
         assert d["layers"] == [4, 5, 6, 7, 8] and d["realised_fraction"] > 0.5 and d["n_tensors"] == 5
-        assert result.seconds["update"] < 0.1 * result.seconds["total"]
     assert all(torch.equal(before[k], v) for k, v in smollm2.model.state_dict().items())

@@ -218,8 +218,12 @@ class MEMIT(Editor):
                     written_fraction=sum(d["written_fraction"] for d in per_layer) / len(per_layer))
 
     def prepare(self, lm: LoadedModel, hp: MEMITHyperParams) -> None:
-        """Load (or compute, in one pass) C of every layer before any weight is written."""
-        moments(lm, hp.layers, hp.mom2_n_tokens)
+        """Load (or compute, in one pass) C of every layer, and factor it, before any weight is written."""
+        for m in moments(lm, hp.layers, hp.mom2_n_tokens).values():
+            try:
+                m.cholesky()
+            except ValueError as e:
+                raise EditError(f"{e} (mom2_n_tokens)") from e
 
     def layer_update(self, lm: LoadedModel, hp: MEMITHyperParams, layer: int, K: torch.Tensor,
                      resid: torch.Tensor) -> torch.Tensor:
