@@ -67,6 +67,8 @@ def test_packed_linear_matches_the_module_and_its_input_gradient(kind):
     with torch.no_grad():
         module.weight.mul_(2)  # an edit of W: the next pack is of the new W
     torch.testing.assert_close(vstar._PackedLinear(module)(x), module(x), rtol=1e-5, atol=1e-5)
+    module.weight.data = -module.weight.data  # new data, the version unchanged
+    torch.testing.assert_close(vstar._PackedLinear(module)(x), module(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

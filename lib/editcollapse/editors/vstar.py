@@ -121,20 +121,23 @@ class _PackedLinear(torch.nn.Module):
         return _PackedProduct.apply(x, self.w, self.wt, self.bias)
 
 
-_PACKED = WeakIdKeyDictionary()  # weight Parameter -> (its version when packed, W packed, Wᵀ packed)
+_PACKED = WeakIdKeyDictionary()  # weight Parameter -> (its version and data when packed, W packed, Wᵀ packed)
 _PACK_MAX_BYTES = 2 ** 31  # packed copies (W and Wᵀ) for one model's step: at most 2 GiB
 
 
 def _packed(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] and Wᵀ of a linear map packed for oneDNN, kept until the weight changes (an edit of it
-    bumps its version): edits of one model reuse the packs of every layer they do not touch."""
+    """W [out, in] and Wᵀ of a linear map packed for oneDNN, kept until the weight changes: edits of one
+    model reuse the packs of every layer they do not touch. A change is a new version (any in-place write
+    to the Parameter, as edits, undo and load_state_dict make) or new data (`p.data = ...`; the entry holds
+    the old data, so its address cannot be reused). Writes through `p.data[...]` bypass the version counter
+    and are not seen: write weights in place under torch.no_grad()."""
     p = module.weight
     hit = _PACKED.get(p)
-    if hit is None or hit[0] != p._version:
+    if hit is None or hit[0] != p._version or hit[1].data_ptr() != p.data_ptr():
         W = (p.T if isinstance(module, Conv1D) else p).detach()
         pack = torch.ops.mkldnn._reorder_linear_weight  # its row-count hint does not change the speed here
-        hit = _PACKED[p] = (p._version, pack(W.contiguous(), 64), pack(W.T.contiguous(), 64))
-    return hit[1], hit[2]
+        hit = _PACKED[p] = (p._version, p.detach(), pack(W.contiguous(), 64), pack(W.T.contiguous(), 64))
+    return hit[2], hit[3]
 
 
 def _packing_available() -> bool:
