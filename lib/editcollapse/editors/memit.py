@@ -130,11 +130,10 @@ def template_weights(hp: SpreadParams, n_templates: int) -> torch.Tensor:
 
 
 def memit_update(K: torch.Tensor, resid: torch.Tensor, m: Moment, lam: float) -> torch.Tensor:
-    """ΔW = R Kᵀ (λC + KKᵀ)⁻¹ = R (λI + KᵀC⁻¹K)⁻¹ (C⁻¹K)ᵀ, keys K [n, d_k] and residuals R [n, d_out] as rows."""
-    try:
-        G = m.inv_apply(K)
-    except ValueError as e:
-        raise EditError(f"{e} (mom2_n_tokens)") from e
+    """ΔW = R Kᵀ (λC + KKᵀ)⁻¹ = R (λI + KᵀC⁻¹K)⁻¹ (C⁻¹K)ᵀ, keys K [n, d_k] and residuals R [n, d_out] as rows.
+
+    C must be positive definite: MEMIT.prepare factors it, and refuses the edit otherwise, before any write."""
+    G = m.inv_apply(K)
     S = lam * torch.eye(len(K), dtype=K.dtype) + K @ G.T
     return torch.linalg.solve(S, resid).T @ G
 
