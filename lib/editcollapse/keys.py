@@ -17,6 +17,7 @@ import weakref
 import torch
 
 from .errors import EditError
+from .live import unedited
 from .nethook import Trace
 from .request import EditRequest
 from .tokens import subject_last_index
@@ -29,14 +30,15 @@ def context_templates(lm, length_params=((5, 10), (10, 10)), seed: int = 0) -> l
     """["{}"] + model-generated prefixes "<text>. {}" (ROME: top-5 sampling from five starters).
 
     `length_params` lists (length in tokens, count); sampling is seeded, so templates repeat.
-    They are sampled once per live model (cached by the model object, not its name), so a
-    sequence of edits keeps the templates of the unedited model, as ROME's global cache does.
+    They are sampled from the unedited model (`live.unedited`), once per live model (cached by the
+    model object, not its name), so a sequence of edits keeps the templates of the unedited model,
+    as ROME's global cache does, also when it is resumed in a new process on edited weights.
     """
     key = (tuple(map(tuple, length_params)), seed)
     cache = _TEMPLATES.setdefault(lm.model, {})
     if key not in cache:
         out = ["{}"]
-        with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+        with unedited(lm), torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for length, n in length_params:
                 for s in STARTERS:

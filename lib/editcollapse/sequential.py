@@ -7,11 +7,16 @@ touched so far against the unedited model (‖W_t − W_0‖, ‖W_t − W_0‖/
 ‖W_t‖/‖W_0‖ and the condition number σ_max/σ_min of W_t, the indicators that PRUNE and NAS
 follow). Step 0 is the unedited model. Optional downstream scores are taken at chosen steps.
 
-A killed run resumes from its last completed edit. After each edit, and before its row is
-written, the current values of the touched tensors (and their unedited values) are saved
-atomically in one safetensors file; on restart they are put back as one undoable edit, the
-row of that step is written if it was not, and the run goes on. No step is measured twice and
-none is lost. When the run ends (or fails), the stack is undone: the model is bit-identical to
+A killed run resumes from its last completed edit, and goes on as the run that was killed would
+have: rows equal (timings aside) and weights bit-identical. After each edit its row's own
+measurements (edit metrics, diagnostics) are taken; then the current values of the touched
+tensors, their unedited values, that pending row and the state that the editor's later edits read
+from its live edits (`Editor.carries`: AlphaEdit's preserved keys) are saved atomically in one
+safetensors file; then the step's perplexity and row are written. On restart the saved weights are
+put back as one undoable edit carrying that state, a pending row is completed and written, and the
+run goes on. What an edit reads from the model itself (context templates, C) is computed on the
+unedited model (`live.unedited`), so a resumed process gets the same. No step is measured twice
+and none is lost. When the run ends (or fails), the stack is undone: the model is bit-identical to
 what it was before.
 """
 from __future__ import annotations
@@ -21,9 +26,11 @@ import json
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -50,39 +57,64 @@ def param_change(w0: torch.Tensor, wt: torch.Tensor, cond_0: float | None = None
 
 
 class RunState:
-    """The weights of a sequential run after its last completed step, in one file (atomic replace)."""
+    """A sequential run after its last completed step, in one file (atomic replace): the touched
+    tensors' current and unedited values, the step's pending row and the editor's carried state."""
 
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = path, fingerprint
 
-    def load(self) -> tuple[int, dict, dict] | None:
-        """(step, current tensors, unedited tensors), or None before the first step."""
+    def load(self) -> dict | None:
+        """{step, current, original, row, carried}, or None before the first step."""
         if not self.path.exists():
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(self.path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"the run state {self.path} cannot be read ({e}); delete it and the run's rows "
+                             "to start this run afresh") from e
         if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"{self.path} belongs to another run (other cases, editor or model); "
+            raise ValueError(f"{self.path} belongs to another run (other cases, editor, settings or model); "
                              "delete it to start this run afresh")
-        tensors = load_file(self.path)
-        current = {k[len("current/"):]: v for k, v in tensors.items() if k.startswith("current/")}
-        original = {k[len("original/"):]: v for k, v in tensors.items() if k.startswith("original/")}
-        return int(meta["step"]), current, original
+        part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + "/")}
+                for p in ("current", "original", "carried")}
+        carried = {name: {key: part["carried"][f"{name}/{i}"] for i, key in enumerate(keys)}
+                   for name, keys in json.loads(meta["carried"]).items()}
+        return dict(step=int(meta["step"]), current=part["current"], original=part["original"],
+                    row=json.loads(meta["row"]), carried=carried)
 
-    def save(self, step: int, current: dict, original: dict) -> None:
+    def save(self, step: int, current: dict, original: dict, row: dict, carried: dict) -> None:
+        """`carried`: {diagnostic: {key: tensor}}, keys of any JSON type (AlphaEdit: layer numbers)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
         tensors = {f"current/{k}": v.detach().cpu().contiguous() for k, v in current.items()}
         tensors.update({f"original/{k}": v.detach().cpu().contiguous() for k, v in original.items()})
-        save_file(tensors, tmp, metadata=dict(step=str(step), fingerprint=self.fingerprint))
+        tensors.update({f"carried/{name}/{i}": v.detach().cpu().contiguous()
+                        for name, d in carried.items() for i, v in enumerate(d.values())})
+        save_file(tensors, tmp, metadata=dict(step=str(step), fingerprint=self.fingerprint, row=json.dumps(row),
+                                              carried=json.dumps({n: list(d) for n, d in carried.items()})))
         os.replace(tmp, self.path)
 
 
+def carried_state(editor, results) -> dict:
+    """The diagnostics named by `editor.carries` of the given live edits, each key's tensors concatenated
+    oldest first: what a later edit reads from all of them (AlphaEdit's K_p)."""
+    out = {}
+    for name in editor.carries:
+        parts: dict = {}
+        for r in results:
+            for key, value in r.diagnostics.get(name, {}).items():
+                parts.setdefault(key, []).append(value)
+        out[name] = {key: torch.cat(values) for key, values in parts.items()}
+    return out
+
+
 def _fingerprint(lm: LoadedModel, editor, cases: list[dict], run: str) -> str:
+    """The run's identity: model, editor, its resolved settings (preset + overrides), run name, cases."""
     ids = [(c.get("dataset"), c.get("case_id")) for c in cases]
-    return hashlib.sha256(json.dumps([lm.spec.name, editor.name, run, repr(getattr(editor, "hparams", None)), ids],
+    settings = asdict(editor.hparams_for(lm)) if hasattr(editor, "hparams_for") else None
+    return hashlib.sha256(json.dumps([lm.spec.name, editor.name, run, settings, ids],
                                      default=str).encode()).hexdigest()[:16]
 
 
@@ -110,7 +142,7 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
     state = RunState(in_repo(state_dir) / lm.spec.name / editor.name / f"{experiment}_{run}.safetensors",
                      _fingerprint(lm, editor, cases, run))
     saved = state.load()
-    start = saved[0] if saved else 0
+    start = saved["step"] if saved else 0
     missing = sorted(set(range(start)) - done - {0})
     if missing or any(s > start for s in done):
         raise ValueError(f"{store.path} and {state.path} disagree (rows of steps {sorted(done)}, weights at step "
@@ -138,14 +170,16 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
                           tensors=tensors, **_worst(tensors)))
         written += 1
 
-    original = dict(saved[2]) if saved else {}
+    original = dict(saved["original"]) if saved else {}
     with EditStack(lm) as stack:
         if 0 not in done:
             measure(0, None, dict(error=None))
         if saved:
-            stack.results.append(apply_state(lm, saved[1], label="resumed state"))
+            resumed = apply_state(lm, saved["current"], label="resumed state")
+            resumed.diagnostics.update(saved["carried"])
+            stack.results.append(resumed)
             if start not in done:
-                measure(start, cases[start - 1], dict(error=None, resumed=True))
+                measure(start, cases[start - 1], saved["row"])
         for step in tqdm(range(start + 1, len(cases) + 1), desc=f"{editor.name} {run} on {lm.spec.name}",
                          initial=start, total=len(cases)):
             case = cases[step - 1]
@@ -153,15 +187,15 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
             try:
                 result, reference = apply_case(lm, lambda request: stack.apply(editor, request), case)
             except EditError as e:
-                state.save(step, {n: get_parameter(lm.model, n) for n in original}, original)
-                measure(step, case, dict(error=f"{type(e).__name__}: {e}"))
-                continue
-            for name, value in result.saved.items():
-                original.setdefault(name, value.detach().cpu().clone())
-            state.save(step, {n: get_parameter(lm.model, n) for n in original}, original)
-            row = dict(error=None, **metrics.edit_metrics(lm, case, reference),
-                       **{f"edit_{k}": v for k, v in result.scalars().items()},
-                       seconds_edit=result.seconds["total"], seconds_step=time.perf_counter() - t0)
+                row = dict(error=f"{type(e).__name__}: {e}")
+            else:
+                for name, value in result.saved.items():
+                    original.setdefault(name, value.detach().cpu().clone())
+                row = dict(error=None, **metrics.edit_metrics(lm, case, reference),
+                           **{f"edit_{k}": v for k, v in result.scalars().items()},
+                           seconds_edit=result.seconds["total"], seconds_step=time.perf_counter() - t0)
+            state.save(step, {n: get_parameter(lm.model, n) for n in original}, original, row,
+                       carried_state(editor, stack.results))
             measure(step, case, row)
     return written
 

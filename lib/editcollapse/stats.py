@@ -14,6 +14,12 @@ the shipped WikiText-2 test set (ROME: ~44M tokens of Wikipedia) read as one tok
 into windows of `seq_len` tokens, in a seeded random order, of which the first `n_tokens`
 positions are used; see docs/stats_convergence.md for how many tokens suffice.
 
+C is a statistic of the unedited model: with edits applied, it is computed with their tensors
+put back to their unedited values (`live.unedited`), as ROME's code computes it once, before any
+edit. The disk cache is keyed by the request (model, module, corpus, tokens, window, dtype) and by
+a fingerprint of the unedited weights that the keys depend on (`live.fingerprint`: embeddings and
+the layers up to the edited one), so a C is never served to other weights.
+
 Without a BOS token (SmolLM2, GPT-2, GPT-J) position 0 of every window is an ordinary word
 that carries the first-token anomaly; `skip_first=True` leaves position 0 out of C
 (default off, as in ROME). `first_token_share` measures how much of trace(C) it contributes.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import load_wikitext
+from .live import fingerprint, parameters_through, unedited
 from .models import LoadedModel
 from .nethook import TraceDict
 from .paths import cache_dir
@@ -44,7 +52,7 @@ DEFAULT_SEQ_LEN = 1024  # ROME: texts truncated to GPT-2's 1,024 positions
 DEFAULT_BATCH_TOKENS = 4096
 SEED = 0  # order of the windows
 _RESULT_KEYS = ("count", "d_k", "created")  # metadata that describes the result, not the request
-_TOKENS: dict[tuple[str, str], list[int]] = {}
+_TOKENS: "weakref.WeakKeyDictionary[object, dict[str, list[int]]]" = weakref.WeakKeyDictionary()  # per tokenizer
 
 
 @dataclass
@@ -104,12 +112,12 @@ def corpus_windows(lm: LoadedModel, corpus: str = "wikitext", seq_len: int | Non
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
     seq_len = resolve_seq_len(lm, seq_len)
-    key = (lm.spec.name, corpus)
-    if key not in _TOKENS:
-        _TOKENS[key] = lm.token_ids("\n".join(CORPORA[corpus]()))[1 if lm.spec.prepend_bos else 0:]
+    tokens = _TOKENS.setdefault(lm.tok, {})
+    if corpus not in tokens:
+        tokens[corpus] = lm.token_ids("\n".join(CORPORA[corpus]()))[1 if lm.spec.prepend_bos else 0:]
     bos = [lm.tok.bos_token_id] if lm.spec.prepend_bos else []
     step = seq_len - len(bos)
-    stream = _TOKENS[key]
+    stream = tokens[corpus]
     rows = [torch.tensor(bos + stream[i:i + step]) for i in range(0, len(stream), step)]
     pad = lm.tok.pad_token_id if lm.tok.pad_token_id is not None else 0
     ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
@@ -186,13 +194,14 @@ def _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first) -> dict:
         raise ValueError(f"n_tokens must be a positive integer or None, not {n_tokens!r}")
     return dict(model=lm.spec.name, layer=layer, module=lm.spec.module("mlp_out", layer), corpus=corpus,
                 n_tokens=n_tokens, seq_len=resolve_seq_len(lm, seq_len), dtype=str(dtype).removeprefix("torch."),
-                skip_first=skip_first, seed=SEED, version=importlib.metadata.version("editcollapse"))
+                skip_first=skip_first, seed=SEED, version=importlib.metadata.version("editcollapse"),
+                weights=fingerprint(lm, parameters_through(lm, layer)))
 
 
 def cache_path(meta: dict) -> Path:
-    """cache_dir()/stats/<model>/<module>_<corpus>_n<N|all>_T<seq_len>_<dtype>[_skip0].safetensors"""
+    """cache_dir()/stats/<model>/<module>_<corpus>_n<N|all>_T<seq_len>_<dtype>[_skip0]_w<weights>.safetensors"""
     name = (f"{meta['module']}_{meta['corpus']}_n{meta['n_tokens'] or 'all'}_T{meta['seq_len']}_{meta['dtype']}"
-            f"{'_skip0' if meta['skip_first'] else ''}.safetensors")
+            f"{'_skip0' if meta['skip_first'] else ''}_w{meta['weights']}.safetensors")
     return cache_dir() / "stats" / meta["model"] / name
 
 
@@ -240,7 +249,8 @@ def second_moments(lm: LoadedModel, layers, n_tokens: int | None = DEFAULT_N_TOK
     if missing:
         seq = next(iter(requests.values()))["seq_len"]
         ids, lengths = take_tokens(*corpus_windows(lm, corpus, seq), n_tokens)
-        sums = _accumulate(lm, list(missing), ids, lengths, batch_tokens, dtype, skip_first)
+        with unedited(lm):
+            sums = _accumulate(lm, list(missing), ids, lengths, batch_tokens, dtype, skip_first)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for module, L in missing.items():
             (S, count), = sums[module]
@@ -264,8 +274,9 @@ def convergence(lm: LoadedModel, layer: int, sizes: list[int], keys: torch.Tenso
     """
     request = _request(lm, layer, None, corpus, torch.float64, seq_len, skip_first)
     ids, lengths = corpus_windows(lm, corpus, request["seq_len"])
-    snaps = _accumulate(lm, [request["module"]], ids, lengths, batch_tokens, torch.float64, skip_first,
-                        sizes)[request["module"]]
+    with unedited(lm):
+        snaps = _accumulate(lm, [request["module"]], ids, lengths, batch_tokens, torch.float64, skip_first,
+                            sizes)[request["module"]]
     S_all, N = snaps[-1]
     snaps = [s for s in snaps[:-1] if s[1] < N] + snaps[-1:]  # a mark reached only by the last batch: once
     full = _moment(S_all, N, request)

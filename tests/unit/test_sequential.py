@@ -1,20 +1,13 @@
-"""Sequential editing on tiny models: one row per step, exact restore, resume after an interruption or a kill."""
-import os
-import random
-import signal
+"""Sequential editing on tiny models: one row per step, exact restore, resume after an interruption (kills: tests/crash)."""
 import subprocess
 import sys
-import textwrap
-import time
 
-import pandas as pd
 import pytest
 import torch
 
 from editcollapse import data
 from editcollapse.editors import live_edits
 from editcollapse.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
-from tests.device import DEVICE
 from tests.weights import snapshot, identical
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
@@ -82,8 +75,10 @@ def test_an_interrupted_run_resumes_without_repeating_or_losing_a_step(tiny_mode
     sequential_run(lm, "c-rome", cases(), sequential_store(tmp_path, "seq"), run="r", state_dir=tmp_path / "state",
                    editor_kwargs=dict(hparams=FAST))
     got, want = sequential_store(tmp_path, "seq").read().sort_values("step"), ref.read().sort_values("step")
-    assert got.step.tolist() == [0, 1, 2, 3, 4] and got.resumed.fillna(False).tolist() == [False, False, True, False, False]
-    assert got.ppl.tolist() == pytest.approx(want.ppl.tolist(), rel=1e-6)
+    timings = [c for c in want if c.startswith("seconds")]
+    assert got.step.tolist() == [0, 1, 2, 3, 4]
+    # step 2's row was pending when the run stopped: completed from the saved state, metrics included
+    assert got.efficacy[got.step > 0].notna().all() and got.drop(columns=timings).equals(want.drop(columns=timings))
     assert identical(lm, before)
 
 
@@ -106,42 +101,6 @@ def test_refused_edits_are_rows_and_downstream_is_taken_at_checkpoints(tiny_mode
     rows = store.read().sort_values("step")
     assert rows.error.notna().tolist() == [False, False, True, False]
     assert sorted(set(ds.read().step)) == [0, 3] and set(ds.read().task) == {"piqa"}
-
-
-SCRIPT = textwrap.dedent("""
-    import os, sys
-    from editcollapse import data
-    from editcollapse.models import load_model
-    from editcollapse.sequential import sequential_run, sequential_store
-    out = sys.argv[1]
-    lm = load_model("tiny-llama", device=os.environ.get("EDITCOLLAPSE_TEST_DEVICE", "cpu"))
-    sequential_run(lm, "rome", data.load_counterfact(n=12, seed=3), sequential_store(out, "seq"), run="k",
-                   state_dir=out + "/state", editor_kwargs=dict(hparams=dict(v_num_grad_steps=2,
-                   context_template_length_params=((4, 5),))))
-""")
-
-
-def test_killed_runs_lose_and_duplicate_nothing(tmp_path):
-    """SIGKILL at random moments (mid-edit, mid-save, mid-write), restart until done: steps 0..12 once each."""
-    rng, kills, env = random.Random(0), 0, dict(os.environ, OMP_NUM_THREADS="1")
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    for attempt in range(12):
-        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(2.5, 5.0) if attempt < 8 else 120)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        assert proc.returncode == 0
-        break
-    rows = pd.read_json(tmp_path / "seq.jsonl", lines=True)
-    assert sorted(rows.step) == list(range(13)), f"after {kills} kills"
-    resumed = rows["resumed"].fillna(False).sum() if "resumed" in rows else 0  # only kills between save and write
-    assert kills >= 3 and resumed <= kills
 
 
 def test_hard_cases_are_the_rome_collapse_cases_and_normal_ones_match_their_number(tiny_models, tmp_path):
@@ -177,3 +136,15 @@ def test_a_shipped_hardcf_gives_the_hard_cases(tiny_models, tmp_path, monkeypatc
     monkeypatch.setenv("EDITCOLLAPSE_DATA", str(fake))
     hard, normal = hard_and_normal_cases(lm, results_store(tmp_path, "empty"), n=2)
     assert [c["case_id"] for c in hard] == [5, 17] and len(normal) == 2
+
+
+def test_a_truncated_state_file_is_refused_with_its_name(tiny_models, tmp_path):
+    lm = tiny_models("tiny-llama")
+    sequential_run(lm, "rome", cases(1), sequential_store(tmp_path, "seq"), run="t", state_dir=tmp_path / "state",
+                   editor_kwargs=dict(hparams=FAST))
+    path = tmp_path / "state" / "tiny-llama" / "rome" / "sequential_t.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="sequential_t.safetensors cannot be read"):
+        sequential_run(lm, "rome", cases(1), sequential_store(tmp_path, "seq"), run="t", state_dir=tmp_path / "state",
+                       editor_kwargs=dict(hparams=FAST))
+    assert not live_edits(lm)

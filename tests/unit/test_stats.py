@@ -179,3 +179,31 @@ def test_several_layers_in_one_pass_equal_one_layer_at_a_time(tiny_models, tmp_p
         assert torch.equal(together[layer].C, alone.C) and together[layer].meta["count"] == alone.meta["count"] == 700
     cached = stats.second_moments(lm, [0, 1], n_tokens=700)  # 0 and 1 computed and saved; then read back
     assert torch.equal(stats.second_moments(lm, [1, 0], n_tokens=700)[1].C, cached[1].C)
+
+
+def test_C_is_of_the_unedited_model_and_never_served_to_other_weights(tiny_models):
+    """Issue 18, item 2: C computed while an edit is applied is the clean model's C (the edit is taken out
+    while it is computed), and weights changed outside the edit contract get a C of their own."""
+    from editcollapse.editors import ROME, edited
+    from editcollapse.request import EditRequest
+
+    lm = tiny_models("tiny-gpt2")
+    layer, kw = 1, dict(n_tokens=600, corpus=CORPUS, seq_len=T)
+    clean = stats.second_moment(lm, layer, use_cache=False, **kw)
+    request = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
+    with edited(lm, request, ROME(hparams=dict(layer=0, v_num_grad_steps=2, context_template_length_params=((4, 5),)))):
+        during = stats.second_moment(lm, layer, **kw)  # computed, and cached, while the edit is applied
+    assert torch.equal(during.C, clean.C) and during.meta["weights"] == clean.meta["weights"]
+
+    w = lm.model.get_parameter("transformer.h.0.mlp.c_proj.weight")
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(1.5)  # a change outside the edit contract: other weights, so another C
+    try:
+        other = stats.second_moment(lm, layer, **kw)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert other.meta["weights"] != clean.meta["weights"] and stats.cache_path(other.meta) != stats.cache_path(clean.meta)
+    assert (other.C - clean.C).norm() / clean.C.norm() > 0.01
+    assert torch.equal(stats.second_moment(lm, layer, **kw).C, clean.C)  # the clean model is served its own C

@@ -105,6 +105,7 @@ class AlphaEdit(MEMIT):
     EditStack (or plain applies) see the keys of the earlier live AlphaEdit edits as K_p."""
 
     name = "alphaedit"
+    carries = ("preserved_keys",)
 
     def __post_init__(self):
         check_overrides(AlphaEditHyperParams, PRESETS, self.hparams)

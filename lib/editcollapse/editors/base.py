@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Sequence
@@ -28,12 +27,12 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
+from ..live import _LIVE, live_edits  # noqa: F401 - live_edits is part of this module's API
 from ..models import LoadedModel
 from ..nethook import get_parameter
 from ..request import EditRequest
 
 TOP_ENTRIES = 5
-_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, list[EditResult]]" = weakref.WeakKeyDictionary()
 
 
 def as_requests(requests) -> tuple[EditRequest, ...]:
@@ -44,11 +43,6 @@ def as_requests(requests) -> tuple[EditRequest, ...]:
             and all(isinstance(r, EditRequest) for r in requests):
         return tuple(requests)
     raise EditError(f"expected an EditRequest or a non-empty list of them, got {type(requests).__name__}")
-
-
-def live_edits(lm: LoadedModel) -> list["EditResult"]:
-    """The edits applied to this model and not undone, oldest first."""
-    return list(_LIVE.get(lm.model, []))
 
 
 @dataclass
@@ -185,6 +179,9 @@ class Editor:
 
     name: str = "editor"
     batched: bool = False  # True: one apply edits a batch of facts at once (MEMIT, AlphaEdit, FT-L∞, MEND)
+    # diagnostics ({key: tensor rows}) of its live edits that its later edits read, e.g. AlphaEdit's
+    # preserved keys: a resumed sequential run restores them (sequential.carried_state)
+    carries: tuple[str, ...] = ()
 
     def apply(self, lm: LoadedModel, requests) -> EditResult:
         requests = as_requests(requests)
