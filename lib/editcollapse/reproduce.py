@@ -5,10 +5,13 @@ Each ``notebooks/0*.ipynb`` runs in name order in the interpreter that runs this
 directory, as in JupyterLab. Parameters come from ``notebooks/params/<profile>.yaml``: the ``common``
 section, then the section named after the notebook (e.g. ``01_pilot_observation``), then
 ``--set key=value`` overrides (values parsed as YAML; one ``--set`` may hold several pairs separated by
-spaces, ``--set "n_zsre=2 editors=[rome, c-rome]"``). ``common`` and ``--set`` keys go to the notebooks
-whose ``parameters`` cell declares them. Before any notebook starts, every override is checked against
-the types that parameter has in the profiles and in the parameters cells (``n_cases=abc`` is refused).
-Executed copies go to ``notebooks/executed/<profile>/``.
+spaces, ``--set "n_zsre=2 editors=[rome, c-rome]"``; a parameter set twice is refused). ``common`` and
+``--set`` keys go to the notebooks whose ``parameters`` cell declares them. A profile is the name of a file
+in ``notebooks/params/``, never a path. Before any notebook starts, every parameter of every selected
+notebook is checked against its schema (`parameter_schema`: type, range, choices such as the editors,
+models, devices and ME-PPL sizes that exist); a parameter without one (a notebook outside this repository)
+must have a type it has in the profiles or the parameters cells. Executed copies go to
+``notebooks/executed/<profile>/``.
 
 Progress: in the kernel, ``tqdm.auto`` bars are text on stderr (not widgets), which the runner copies to
 its own stderr as they come; they are then removed from the executed copy, which keeps only the
@@ -18,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
+import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
 import papermill
 import yaml
 
-from .paths import REPO_ROOT
+from .paths import REPO_ROOT, atomic_write_text
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNEL = "python3"
@@ -38,12 +44,14 @@ class NotebookError(RuntimeError):
 
 
 def load_profile(name: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict:
-    """``notebooks/params/<name>.yaml`` as {section: {parameter: value}}; it must have a ``common`` section."""
+    """``notebooks/params/<name>.yaml`` as {section: {parameter: value}}; it must have a ``common`` section.
+    `name` is one of the files' names (``quick``), never a path."""
     params_dir = notebooks_dir / "params"
+    known = sorted(p.stem for p in params_dir.glob("*.yaml"))
+    if name not in known:
+        raise ValueError(f"unknown profile {name!r}: a profile is the name of a file {params_dir}/<name>.yaml, "
+                         f"not a path (profiles: {known})")
     path = params_dir / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in params_dir.glob("*.yaml"))
-        raise ValueError(f"unknown profile {name!r}: no {path} (profiles: {known})")
     profile = yaml.safe_load(path.read_text())
     if not isinstance(profile, dict) or "common" not in profile:
         raise ValueError(f"{path}: expected a mapping with a 'common' section")
@@ -73,13 +81,17 @@ def split_assignments(text: str) -> list[str]:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["n_cases=5 editors=[rome, c-rome]"]`` -> {"n_cases": 5, "editors": ["rome", "c-rome"]} (YAML values)."""
-    overrides = {}
+    """``["n_cases=5 editors=[rome, c-rome]"]`` -> {"n_cases": 5, "editors": ["rome", "c-rome"]} (YAML values).
+    A key given twice (in one ``--set`` or two) is an error."""
+    overrides, given = {}, {}
     for item in items:
         for pair in split_assignments(item):
             key, sep, value = pair.partition("=")
             if not sep or not key.isidentifier():
                 raise ValueError(f"--set expects key=value with a Python name as key, got {pair!r}")
+            if key in given:
+                raise ValueError(f"--set {key} is given twice ({given[key]}, then {pair}): set each parameter once")
+            given[key] = pair
             try:
                 overrides[key] = yaml.safe_load(value)
             except yaml.YAMLError as err:
@@ -132,6 +144,153 @@ def check_types(overrides: dict, examples: dict[str, list]) -> None:
         if isinstance(value, list) and items and not all(fits(x, items) for x in value):
             raise ValueError(f"--set {key}={value!r}: parameter {key!r} expects a list of "
                              f"{' or '.join(sorted(items))} (as in {known}), got {value!r}")
+
+
+# ---------------------------------------------------------------- what each parameter accepts
+# A check takes a value and returns None when it fits, else what the parameter must be ("must be ...").
+Check = Callable[[object], str | None]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _int_from(low: int, null: str = "") -> Check:
+    """An int >= low; with `null` (what null means), also null."""
+    def check(value):
+        if (value is None and null) or (_is_int(value) and value >= low):
+            return None
+        return f"must be an int >= {low}" + (f" or null ({null})" if null else "")
+    return check
+
+
+def _one_of(choices, what: str, null: str = "") -> Check:
+    """One of `choices` (of their type: 50.0 is not the int 50); with `null`, also null."""
+    def check(value):
+        if (value is None and null) or any(type(value) is type(c) and value == c for c in choices):
+            return None
+        return f"must be {what}, one of {', '.join(map(str, choices))}" + (f", or null ({null})" if null else "")
+    return check
+
+
+def _names(choices, what: str, empty: bool = True) -> Check:
+    """A list of distinct names among `choices` (non-empty unless `empty`)."""
+    def check(value):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            return f"must be a list of {what} names ({', '.join(choices)})"
+        unknown = [x for x in value if x not in choices]
+        if unknown:
+            return f"lists unknown {what} names {unknown} (known: {', '.join(choices)})"
+        twice = sorted({x for x in value if value.count(x) > 1})
+        if twice:
+            return f"must list each {what} once, and lists {twice} more than once"
+        if not value and not empty:
+            return f"must list at least one {what} ({', '.join(choices)})"
+        return None
+    return check
+
+
+def _device(value):
+    if value is None or (isinstance(value, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", value)):
+        return None
+    return "must be cpu, cuda, cuda:<index>, mps, or null (CUDA when present)"
+
+
+def _text(what: str) -> Check:
+    def check(value):
+        return None if isinstance(value, str) and value.strip() else f"must be {what} (a non-empty string)"
+    return check
+
+
+def _model_path(value):
+    """A path in which ``{model}`` may stand for the model's name (the notebook calls ``.format(model=...)``)."""
+    try:
+        ok = isinstance(value, str) and bool(value.strip()) and bool(value.format(model="m"))
+    except (AttributeError, KeyError, IndexError, ValueError):
+        ok = False
+    return None if ok else "must be a path (a non-empty string), in which only {model} may stand in braces"
+
+
+def _flag_or_null(value):
+    return None if value is None or isinstance(value, bool) else "must be true, false or null"
+
+
+def _number_above(low: float) -> Check:
+    def check(value):
+        return None if _is_number(value) and value > low else f"must be a number > {low:g}"
+    return check
+
+
+def _shares(value):
+    if isinstance(value, list) and value and all(_is_number(x) and 0 <= x <= 1 for x in value):
+        return None
+    return "must be a non-empty list of numbers between 0 and 1"
+
+
+def _lengths(value):
+    if (isinstance(value, list) and value and all(_is_int(x) and x >= 1 for x in value)
+            and len(set(value)) == len(value)):
+        return None
+    return "must be a non-empty list of distinct ints >= 1"
+
+
+def _items_per_task(tasks) -> Check:
+    def check(value):
+        if value is None or (_is_int(value) and value >= 1):
+            return None
+        if (isinstance(value, dict) and value and all(k in tasks for k in value)
+                and all(_is_int(n) and n >= 1 for n in value.values())):
+            return None
+        return (f"must be an int >= 1, a mapping {{task: int >= 1}} over the tasks {', '.join(tasks)}, "
+                "or null (the full sets)")
+    return check
+
+
+@functools.cache
+def parameter_schema() -> dict[str, Check]:
+    """{parameter: its check}, for every parameter of notebooks/0*.ipynb (a notebook's schema is the checks
+    of the names its parameters cell declares). Editors, models, tasks and ME-PPL sizes are those that exist."""
+    from .data import ME_PPL_FILES
+    from .downstream import TASKS
+    from .editors import EDITORS
+    from .models import REGISTRY
+
+    models, editors, sizes = list(REGISTRY), list(EDITORS), sorted(ME_PPL_FILES)
+    model, ppl = _one_of(models, "a model name"), _one_of(sizes, "an ME-PPL size")
+    return dict(
+        model=model, device=_device, seed=_int_from(0), results_dir=_text("a folder"),
+        n_cases=_int_from(1), n_ppl=ppl, n_edits=_int_from(1), n_downstream=_items_per_task(TASKS),
+        editors=_names(editors, "editor", empty=False), random_editors=_names(editors, "editor"),
+        n_counterfact=_int_from(0, null="all"), n_zsre=_int_from(0, null="all"), n_first_token=_int_from(0),
+        n_screen=_int_from(0), n_random=_int_from(1), downstream_tasks=_names(TASKS, "downstream task"),
+        mom2_tokens=_int_from(1, null="all of WikiText-2"), bos_model=_one_of(models, "a model name", null="skip"),
+        n_texts=_int_from(1), n_bos_cases=_int_from(1), c_tokens=_int_from(1, null="all of WikiText-2"),
+        c_seq_lens=_lengths, first_shares=_shares, n_c_cases=_int_from(1), second2first_model=model,
+        n_second2first=_int_from(1), guard_models=_names(models, "model"),
+        hardcf=_text("auto or the path of a HardCF"), offline_calls=_int_from(0), local_calls=_int_from(0),
+        endpoint_calls=_int_from(0), endpoint_timeout=_number_above(0), first_token=_flag_or_null,
+        max_subject_tokens=_int_from(1), n_filter=_int_from(0), n_ppl_filter=ppl, hardedit_path=_model_path,
+    )
+
+
+def check_values(params: dict[str, dict], overrides: dict, profile_name: str, schema: dict[str, Check]) -> None:
+    """Refuse, with every reason at once, the values of `params` ({notebook: {parameter: value}}) that do not
+    fit their parameter's check; each reason names the parameter and where its value came from."""
+    reasons = []
+    for stem, values in params.items():
+        for name, value in values.items():
+            why = schema[name](value) if name in schema else None
+            if why:
+                where = f"--set {name}={value!r}" if name in overrides else f"profile {profile_name!r}, {stem}"
+                reason = f"{where}: parameter {name!r} {why}, got the {_kind(value)} {value!r}"
+                if reason not in reasons:
+                    reasons.append(reason)
+    if reasons:
+        raise ValueError("; ".join(reasons))
 
 
 def notebook_parameters(profile: dict, stem: str, declared: set[str], overrides: dict) -> dict:
@@ -214,7 +373,7 @@ def _strip_file(path: Path) -> None:
     if path.exists():
         nb = nbformat.read(path, as_version=4)
         if strip_progress(nb):
-            nbformat.write(nb, path)
+            atomic_write_text(path, nbformat.writes(nb))
 
 
 def check_machine(params: dict[str, dict]) -> None:
@@ -263,23 +422,33 @@ def train_missing_mend(params: dict[str, dict], profile_name: str) -> list[tuple
     return timings
 
 
-def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
-        notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None) -> list[tuple[str, float]]:
-    """Execute the selected notebooks in order; returns [(notebook stem, wall seconds)].
-    Everything is checked before the first notebook starts. Stops at the first failure with a
-    NotebookError naming the notebook."""
+def prepare(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
+            notebooks_dir: Path = NOTEBOOKS_DIR) -> tuple[list[Path], dict[str, dict]]:
+    """The selected notebooks and {notebook: parameters}, after every check that needs no machine: the
+    profile, the selection, the parameters' names, and each value against its parameter's schema."""
     profile = load_profile(profile_name, notebooks_dir)
     overrides = overrides or {}
     defaults = {p.stem: papermill.inspect_notebook(str(p)) for p in find_notebooks(None, notebooks_dir)}
     declared = {stem: set(params) for stem, params in defaults.items()}
     notebooks = find_notebooks(only, notebooks_dir)
-    check_types(overrides, parameter_examples(notebooks_dir, defaults))
+    schema = parameter_schema()
+    check_types({k: v for k, v in overrides.items() if k not in schema}, parameter_examples(notebooks_dir, defaults))
     for kind, keys, stems in (("common", profile["common"], list(declared)),
                               ("--set", overrides, [p.stem for p in notebooks])):
         unused = sorted(k for k in keys if not any(k in declared[stem] for stem in stems))
         if unused:
             raise NotebookError(f"{kind} parameters {unused} are declared by no parameters cell of {stems}")
     params = {p.stem: notebook_parameters(profile, p.stem, declared[p.stem], overrides) for p in notebooks}
+    check_values(params, overrides, profile_name, schema)
+    return notebooks, params
+
+
+def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
+        notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None) -> list[tuple[str, float]]:
+    """Execute the selected notebooks in order; returns [(notebook stem, wall seconds)].
+    Everything is checked before the first notebook starts (`prepare`, `check_machine`). Stops at the first
+    failure with a NotebookError naming the notebook."""
+    notebooks, params = prepare(profile_name, only, overrides, notebooks_dir)
     check_machine(params)
     out_dir = executed_dir or notebooks_dir / "executed" / profile_name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +485,8 @@ def _only_arg(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m editcollapse.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="quick", help="notebooks/params/<profile>.yaml (quick | paper)")
+    parser.add_argument("--profile", default="quick",
+                        help="a profile name: notebooks/params/<profile>.yaml (quick | paper), never a path")
     parser.add_argument("--only", type=_only_arg,
                         help="notebook numbers or names separated by commas or spaces, e.g. 01,02")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -2,9 +2,22 @@
 
 Writing. One process writes a store at a time. The first write (`append`, `run_cases`, `writing()`)
 takes an exclusive lock on ``<name>.jsonl.lock`` (``fcntl.flock``; local file systems) and keeps it
-until `close()`, the end of `run_cases` / `writing()`, or the death of the process. A second writer
-fails at once with `StoreLocked`, which names the holder's pid. Each row is one line, written with a
-single write + flush + fsync, so a killed writer leaves at most one incomplete last line.
+until `close()`, the end of `run_cases` / `writing()`, or the death of the process. The lock file sits
+next to the data file's real path (symlinks resolved), so every path to one store meets the same lock.
+A second writer fails at once with `StoreLocked`, which names the holder's pid. Each row is one line,
+written with a single write + flush + fsync, so a killed writer leaves at most one incomplete last line.
+
+Threads. Within a process, the stores of one file share the lock and a thread lock: `append` checks the
+key and writes the row under it, so threads appending the same key store it once; the others get the
+ValueError "already stored", as any append of a stored key does. `run_cases` skips a key that another
+thread stored meanwhile, as it skips keys stored before it started.
+
+Error rows. A row whose ``error`` column is set (not null) records a failed case. It counts as done
+(`done()`), so a resumed sweep does not retry it, unless asked: `done(include_errors=False)` leaves
+out the keys whose row is an error row, `run_cases(..., retry_errors=True)` runs them again, and
+`append(row, replace_error=True)` writes a row for such a key. The file stays append-only: the later
+row supersedes the error row (`read()` keeps the last row of a key, and a superseded error row is not
+reported as a repeated key). A key whose row is not an error row is never written again.
 
 Reading (`done()`, `read()`) takes no lock and never changes the file. A line that does not parse as
 a JSON object (a write cut short, binary garbage, ``42``) is skipped with a warning that names the
@@ -21,7 +34,8 @@ Sharding one sweep over n processes (e.g. one per GPU), all given the same items
 Process i runs the items whose key hashes to i (mod n), by SHA-256 of the key, the same in every
 process; it skips keys already in the main store and writes its own file ``<name>.shard-i-of-n.jsonl``
 (a killed shard resumes like any sweep). `merge_shards` appends the shard rows that the main store
-lacks, without duplicates, then removes the shard files; it refuses while a shard is still written.
+lacks or holds as error rows, without duplicates, then removes the shard files; it refuses while a
+shard is still written.
 
 Values are converted to JSON: numpy scalars and arrays and torch tensors become Python
 numbers and lists, tuples become lists. NaN and +-inf are written as Python's json writes
@@ -93,7 +107,20 @@ def _append_bytes(path: Path, data: bytes) -> None:
 
 # ---------------------------------------------------------------- the one-writer lock
 _HELD: dict[str, list] = {}  # lock file -> [fd, number of stores of this process holding it]
+_GUARDS: dict[str, threading.RLock] = {}  # data file (real path) -> the thread lock of its stores in this process
 _HELD_GUARD = threading.Lock()
+
+
+def _guard(real_path: Path) -> threading.RLock:
+    """The thread lock shared by this process's stores of the file at `real_path`."""
+    with _HELD_GUARD:
+        return _GUARDS.setdefault(str(real_path), threading.RLock())
+
+
+def _is_error(row: dict) -> bool:
+    """A row that records a failure: its ``error`` column is set (null and NaN mean no error)."""
+    err = row.get("error")
+    return err is not None and not (isinstance(err, float) and math.isnan(err))
 
 
 def _lock(lock_path: Path, data_path: Path) -> str:
@@ -139,15 +166,21 @@ class ResultStore:
             raise ValueError(f"key must be a non-empty tuple of column names, not {key!r}")
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.rejected_path = self.path.with_name(self.path.name + ".rejected")
+        self._file = Path(os.path.realpath(self.path))  # every read and write goes to the real file
+        self.lock_path = self._file.with_name(self._file.name + ".lock")
+        self.rejected_path = self._file.with_name(self._file.name + ".rejected")
+        self._guard = _guard(self._file)
         self._lock_name: str | None = None
         self._release = None
-        self._load(warn=True)
+        self._blocks = 0  # writing() blocks open now
+        self._writer_before_blocks = False
+        with self._guard:
+            self._load(warn=True)
 
     # -- reading
     def _bytes(self) -> bytes:
-        return self.path.read_bytes() if self.path.exists() else b""
+        with self._guard:
+            return self._file.read_bytes() if self._file.exists() else b""
 
     def _scan(self, data: bytes):
         """(rows [(line number, row, key)], lines that are not rows [(line number, bytes, why)])."""
@@ -181,20 +214,21 @@ class ResultStore:
     def _load(self, warn: bool = False) -> None:
         data = self._bytes()
         rows, bad = self._scan(data)
-        self._done = {k for _, _, k in rows}
+        self._done, self._errors, dup, repeats = set(), set(), [], 0
+        for _, row, k in rows:
+            if k in self._done and k not in self._errors:  # a repeat that supersedes no error row
+                repeats += 1
+                if k not in dup:
+                    dup.append(k)
+            self._done.add(k)
+            (self._errors.add if _is_error(row) else self._errors.discard)(k)
         self._sig = self._stat()
         self._ends_clean = not data or data.endswith(b"\n")
         if not warn:
             return
         if bad:
             self._warn_bad(bad, "skipped; the next writer moves them to " + str(self.rejected_path))
-        repeats = len(rows) - len(self._done)
         if repeats:
-            seen, dup = set(), []
-            for _, _, k in rows:
-                if k in seen and k not in dup:
-                    dup.append(k)
-                seen.add(k)
             warnings.warn(f"{self.path}: {repeats} line(s) repeat the key of an earlier line (read() keeps the "
                           f"last of each): {[dict(zip(self.key, k)) for k in dup[:10]]}"
                           f"{' ...' if len(dup) > 10 else ''}", RuntimeWarning, stacklevel=3)
@@ -205,7 +239,7 @@ class ResultStore:
 
     def _stat(self):
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._file)
         except FileNotFoundError:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
@@ -233,13 +267,14 @@ class ResultStore:
             raise ValueError(f"key values must not be NaN (NaN equals nothing, not even itself): {out!r}")
         return out
 
-    def done(self) -> set[tuple]:
-        """Keys of the rows stored now."""
-        self._refresh()
-        return set(self._done)
+    def done(self, include_errors: bool = True) -> set[tuple]:
+        """Keys of the rows stored now; without those whose row is an error row if ``include_errors=False``."""
+        with self._guard:
+            self._refresh()
+            return set(self._done) if include_errors else self._done - self._errors
 
     def read(self) -> pd.DataFrame:
-        """All rows, key columns first; a duplicated key keeps its last row."""
+        """All rows, key columns first; a duplicated key keeps its last row (the one superseding an error row)."""
         rows, bad = self._scan(self._bytes())
         if bad:
             self._warn_bad(bad, "skipped")
@@ -252,12 +287,13 @@ class ResultStore:
 
     # -- writing
     def _become_writer(self) -> None:
-        if self._lock_name is not None:
-            return
-        self._lock_name = _lock(self.lock_path, self.path)
-        self._release = weakref.finalize(self, _unlock, self._lock_name)
-        self._set_aside()
-        self._refresh()
+        with self._guard:
+            if self._lock_name is not None:
+                return
+            self._lock_name = _lock(self.lock_path, self.path)
+            self._release = weakref.finalize(self, _unlock, self._lock_name)
+            self._set_aside()
+            self._refresh()
 
     def _set_aside(self) -> None:
         """Move the lines that are not rows to `rejected_path` (appended, fsynced), then drop them from the file."""
@@ -270,13 +306,13 @@ class ResultStore:
         lines = data.split(b"\n")
         if lines[-1] == b"":
             lines.pop()
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self._file.with_name(self._file.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(b"".join(line + b"\n" for i, line in enumerate(lines, 1) if i not in drop))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        os.replace(tmp, self._file)
+        dir_fd = os.open(self._file.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -285,35 +321,56 @@ class ResultStore:
 
     def close(self) -> None:
         """Release the writer's lock (reading goes on working; a later write takes the lock again)."""
-        if self._release is not None:
-            self._release()
-        self._lock_name = self._release = None
+        with self._guard:
+            if self._release is not None:
+                self._release()
+            self._lock_name = self._release = None
 
     @contextmanager
     def writing(self):
-        """Hold the writer's lock for the block (fails at once with StoreLocked if another process has it)."""
-        held = self._lock_name is not None
-        self._become_writer()
+        """Hold the writer's lock for the block (fails at once with StoreLocked if another process has it).
+        Blocks of several threads overlap: the lock is released when the last one ends, unless the store
+        was the writer before the first began."""
+        with self._guard:
+            if self._blocks == 0:
+                self._writer_before_blocks = self._lock_name is not None
+            self._become_writer()
+            self._blocks += 1
         try:
             yield self
         finally:
-            if not held:
-                self.close()
+            with self._guard:
+                self._blocks -= 1
+                if self._blocks == 0 and not self._writer_before_blocks:
+                    self.close()
 
-    def append(self, row: dict):
-        """Write one row (a dict of JSON-convertible values) durably; its key must be new.
+    def append(self, row: dict, replace_error: bool = False) -> None:
+        """Write one row (a dict of JSON-convertible values) durably; its key must be new, or, with
+        ``replace_error=True``, may be that of an error row, which the new row supersedes.
 
         Makes this store the writer (see the module docstring) until `close()`.
         """
+        self._put(row, replace_error, refuse=True)
+
+    def _put(self, row: dict, replace_error: bool, refuse: bool) -> bool:
+        """`append`; a key that may not be written raises ValueError if `refuse`, else returns False."""
         line = _encode(row)
-        k = self._key_of(json.loads(line))
-        self._become_writer()
-        self._refresh()
-        if k in self._done:
-            raise ValueError(f"key {dict(zip(self.key, k))} is already stored in {self.path}")
-        _append_bytes(self.path, (b"" if self._ends_clean else b"\n") + line + b"\n")
-        self._done.add(k)
-        self._sig, self._ends_clean = self._stat(), True
+        parsed = json.loads(line)
+        k = self._key_of(parsed)
+        with self._guard:
+            self._become_writer()
+            self._refresh()
+            if k in self._done and not (replace_error and k in self._errors):
+                if not refuse:
+                    return False
+                raise ValueError(f"key {dict(zip(self.key, k))} is already stored in {self.path}" +
+                                 (" and its row is not an error row (only an error row is superseded)"
+                                  if replace_error else ""))
+            _append_bytes(self._file, (b"" if self._ends_clean else b"\n") + line + b"\n")
+            self._done.add(k)
+            (self._errors.add if _is_error(parsed) else self._errors.discard)(k)
+            self._sig, self._ends_clean = self._stat(), True
+        return True
 
     def shard(self, i: int, n: int) -> "ResultStore":
         """The store of shard i of n: ``<name>.shard-i-of-n.jsonl`` next to this one, same key."""
@@ -332,17 +389,22 @@ def shard_of(key: tuple, n: int) -> int:
 
 
 def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None,
-              shard: tuple[int, int] | None = None) -> int:
+              shard: tuple[int, int] | None = None, retry_errors: bool = False) -> int:
     """Call fn(item) -> row for every item whose key_of(item) is not done yet; append each row.
 
-    Key columns missing from the row are filled from key_of(item); a row whose key differs
+    `fn` may return None: nothing is stored for the item, and the next run calls it again (a failure
+    that is not the item's own). Key columns missing from the row are filled from key_of(item); a row whose key differs
     from key_of(item) is an error (it would be redone forever). The store's lock is held
-    throughout, so a second writer fails before any work. With ``shard=(i, n)`` only the items
-    of shard i are run, into ``store.shard(i, n)`` (see the module docstring). Returns the rows written.
+    throughout, so a second writer fails before any work; a key that another thread stores
+    meanwhile is skipped. ``retry_errors=True`` runs the items whose row is an error row again
+    (the new row supersedes it). With ``shard=(i, n)`` only the items of shard i are run, into
+    ``store.shard(i, n)`` (see the module docstring). Returns the rows written.
     """
     target = store if shard is None else store.shard(*shard)
+    include_errors = not retry_errors
+    written = 0
     with target.writing():
-        done = target.done() | (store.done() if shard is not None else set())
+        done = target.done(include_errors) | (store.done(include_errors) if shard is not None else set())
         pending, seen = [], set()
         for item in items:
             k = store.normalize_key(key_of(item))
@@ -354,17 +416,22 @@ def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None,
         ran = "" if shard is None else f"shard {shard[0]} of {shard[1]}, "
         label = f"{desc or store.path.stem} ({ran}{len(seen & done)} done before)"
         for k, item in tqdm(pending, desc=label):
-            row = {**dict(zip(store.key, k)), **fn(item)}
+            if k in target.done(include_errors):  # another thread stored it meanwhile
+                continue
+            got = fn(item)
+            if got is None:
+                continue
+            row = {**dict(zip(store.key, k)), **got}
             if store.normalize_key([row[c] for c in store.key]) != k:
                 raise ValueError(f"fn returned a row keyed {[row[c] for c in store.key]} for the item keyed {list(k)}")
-            target.append(row)
-    return len(pending)
+            written += target._put(row, retry_errors, refuse=False)
+    return written
 
 
 def merge_shards(store: ResultStore) -> int:
-    """Append to `store` the rows of its shard files that it lacks (a duplicated key keeps its last
-    row, as `read()` does), then delete the shard files. A shard still being written raises
-    StoreLocked before anything changes. Returns the rows added."""
+    """Append to `store` the rows of its shard files that it lacks or holds as error rows (a duplicated
+    key keeps its last row, as `read()` does), then delete the shard files. A shard still being written
+    raises StoreLocked before anything changes. Returns the rows added."""
     shards = [ResultStore(p, store.key) for p in store.shard_paths()]
     added = 0
     with store.writing():
@@ -374,8 +441,8 @@ def merge_shards(store: ResultStore) -> int:
             for s in shards:
                 rows, _ = s._scan(s._bytes())
                 for k, row in {k: row for _, row, k in rows}.items():
-                    if k not in store.done():
-                        store.append(row)
+                    if k not in store.done(include_errors=False):
+                        store.append(row, replace_error=True)
                         added += 1
             for s in shards:
                 s.path.unlink()

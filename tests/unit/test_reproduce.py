@@ -2,6 +2,8 @@
 checked before any notebook starts, and executed notebooks without progress bars."""
 import json
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -71,26 +73,108 @@ def test_the_makefile_passes_set_and_only_as_written(tmp_path, monkeypatch):
     assert argv_file.read_text().splitlines() == ["-m", "editcollapse.reproduce", "--profile", "quick"]
 
 
-def test_parameter_types_are_checked_before_any_notebook_starts(monkeypatch):
-    def no_notebook(*args, **kwargs):
-        raise AssertionError("a notebook was started")
+BAD_ARGUMENTS = [  # (command line, what the refusal must name)
+    ("--set n_cases=-5", "n_cases"), ("--set n_cases=0", "n_cases"), ("--set n_cases=abc", "n_cases"),
+    ("--set n_cases=2.5", "n_cases"), ("--set n_cases=true", "n_cases"), ("--set n_cases=null", "n_cases"),
+    ("--set 'n_cases=5 n_cases=6'", "n_cases"), ("--set n_cases=5 --set n_cases=6", "n_cases"),
+    ("--set n_ppl=51", "n_ppl"), ("--set n_ppl=50.0", "n_ppl"), ("--set \"n_ppl='50'\"", "n_ppl"),
+    ("--set n_ppl_filter=100", "n_ppl_filter"),
+    ("--set 'editors=[rome, romee]'", "editors"), ("--set editors=[]", "editors"), ("--set editors=rome", "editors"),
+    ("--set 'editors=[rome, rome]'", "editors"), ("--set 'editors=[rome, 5]'", "editors"),
+    ("--set 'random_editors=[memit, mendd]'", "random_editors"),
+    ("--set device=tpu", "device"), ("--set device=cuda:x", "device"), ("--set device=3", "device"),
+    ("--set device=CPU", "device"),
+    ("--set model=gpt5", "model"), ("--set model=null", "model"), ("--set bos_model=gpt-j", "bos_model"),
+    ("--set second2first_model=null", "second2first_model"),
+    ("--set 'guard_models=[gemma3-270m, nope]'", "guard_models"),
+    ("--set seed=-1", "seed"), ("--set seed=1.5", "seed"),
+    ("--set n_downstream=0", "n_downstream"), ("--set 'n_downstream={piqa: 0}'", "n_downstream"),
+    ("--set 'n_downstream={arc: 10}'", "n_downstream"), ("--set n_downstream=[10]", "n_downstream"),
+    ("--set 'downstream_tasks=[piqa, arc]'", "downstream_tasks"), ("--set downstream_tasks=piqa", "downstream_tasks"),
+    ("--set n_counterfact=-1", "n_counterfact"), ("--set n_zsre=abc", "n_zsre"),
+    ("--set n_first_token=-2", "n_first_token"), ("--set mom2_tokens=0", "mom2_tokens"),
+    ("--set c_tokens=-100", "c_tokens"), ("--set c_seq_lens=[]", "c_seq_lens"),
+    ("--set 'c_seq_lens=[64, 0]'", "c_seq_lens"), ("--set 'c_seq_lens=[64, 64]'", "c_seq_lens"),
+    ("--set first_shares=[1.5]", "first_shares"), ("--set first_shares=[]", "first_shares"),
+    ("--set endpoint_timeout=0", "endpoint_timeout"), ("--set endpoint_timeout=-1", "endpoint_timeout"),
+    ("--set endpoint_timeout=.nan", "endpoint_timeout"), ("--set first_token=maybe", "first_token"),
+    ("--set max_subject_tokens=0", "max_subject_tokens"), ("--set 'hardedit_path=data/{oops}.json'", "hardedit_path"),
+    ("--set results_dir=", "results_dir"), ("--set hardcf=null", "hardcf"), ("--set n_screen=-1", "n_screen"),
+    ("--set n_random=0", "n_random"), ("--set n_texts=-1", "n_texts"), ("--set offline_calls=-1", "offline_calls"),
+    ("--set n_bos_cases=0", "n_bos_cases"), ("--set n_c_cases=[1]", "n_c_cases"), ("--set n_edits=0", "n_edits"),
+    ("--set n_second2first=two", "n_second2first"),
+    ("--profile ../params/quick", "profile"), (f"--profile {REPO_ROOT}/notebooks/params/quick", "profile"),
+    ("--profile quick.yaml", "profile"), ("--profile ''", "profile"), ("--profile ../../../etc/passwd", "profile"),
+    ("--profile ../", "profile"),
+]
 
-    monkeypatch.setattr(papermill, "execute_notebook", no_notebook)
-    for overrides, message in [
-        (dict(n_cases="abc"), r"--set n_cases='abc': parameter 'n_cases' expects int \(.*\), got the str 'abc'"),
-        (dict(n_cases=2.5), "expects int .*got the float 2.5"),
-        (dict(n_cases=True), "expects int .*got the bool True"),
-        (dict(editors="rome"), "expects list .*got the str 'rome'"),
-        (dict(editors=["rome", 5]), r"expects a list of str .*got \['rome', 5\]"),
-        (dict(device=3), "expects null or str"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            run("quick", overrides=overrides)
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail a test at once if a command line gets past the checks (to the machine check or a notebook)."""
+    def passed(*args, **kwargs):
+        raise AssertionError("the arguments passed validation")
+
+    monkeypatch.setattr(reproduce, "check_machine", passed)
+    monkeypatch.setattr(papermill, "execute_notebook", passed)
+
+
+@pytest.mark.parametrize("command, name", BAD_ARGUMENTS, ids=[c for c, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_naming_the_parameter(nothing_runs, command, name):
+    with pytest.raises(SystemExit) as refused:
+        main(shlex.split(command))
+    message = str(refused.value.code)
+    assert message.startswith("reproduce: ") and re.search(rf"(parameter '{name}'|--set {name} |profile)", message)
+    assert name in message
+
+
+def test_there_are_at_least_40_bad_argument_sets():
+    assert len(BAD_ARGUMENTS) >= 40 and len({c for c, _ in BAD_ARGUMENTS}) == len(BAD_ARGUMENTS)
+
+
+def test_every_profile_and_good_overrides_are_accepted():
+    profiles = sorted(p.stem for p in (reproduce.NOTEBOOKS_DIR / "params").glob("*.yaml"))
+    assert {"quick", "paper"} <= set(profiles)
+    for profile in profiles:
+        notebooks, params = reproduce.prepare(profile)
+        assert list(params) == [p.stem for p in notebooks] == [p.stem for p in find_notebooks()]
+    good = parse_overrides(["model=llama2-7b editors=[rome, c-rome] n_counterfact=100 n_zsre=null device=cuda:1",
+                            "n_downstream={piqa: 5, squad2: 7} first_shares=[0, 1] endpoint_timeout=60 seed=0",
+                            "random_editors=[] downstream_tasks=[] guard_models=[] bos_model=null first_token=true",
+                            "hardedit_path=out/{model}.json n_ppl=10000 c_tokens=null"])
+    _, params = reproduce.prepare("quick", overrides=good)
+    assert params["02_single_edit"]["editors"] == ["rome", "c-rome"]
+    assert params["01_pilot_observation"]["n_ppl"] == 10000
+    assert reproduce.prepare("paper", only=["02"], overrides=dict(device="cpu", model="smollm2-135m"))[0][0].stem == \
+        "02_single_edit"
+
+
+def test_the_schema_covers_every_parameter_of_the_notebooks():
+    declared = set().union(*(papermill.inspect_notebook(str(p)) for p in find_notebooks()))
+    assert set(reproduce.parameter_schema()) == declared
+
+
+def test_a_bad_value_in_a_profile_names_profile_and_notebook(tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "mine.yaml").write_text("common: {n_ppl: 50}\n01_x: {n_ppl: 51}\n")
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("n_ppl = 50", metadata={"tags": ["parameters"]})]
+    nbformat.write(nb, tmp_path / "01_x.ipynb")
+    with pytest.raises(ValueError, match=r"profile 'mine', 01_x: parameter 'n_ppl' must be an ME-PPL size, one of "
+                                         r"50, 1000, 10000, got the int 51"):
+        reproduce.prepare("mine", notebooks_dir=tmp_path)
+
+
+def test_a_parameter_without_a_schema_keeps_the_types_it_has_elsewhere():
+    """Notebooks outside this repository: the types of the parameter's values in the profiles and cells."""
     check_types(dict(n_downstream=None, device=None, n_zsre=None, editors=[], seed=1), reproduce.parameter_examples(
         reproduce.NOTEBOOKS_DIR, {p.stem: papermill.inspect_notebook(str(p)) for p in find_notebooks()}))
     check_types(dict(lr=1), {"lr": [0.5]})  # an int where a float goes
-    with pytest.raises(SystemExit, match="reproduce: --set n_cases='abc': parameter 'n_cases' expects int"):
-        main(["--set", "n_cases=abc"])
+    with pytest.raises(ValueError, match=r"--set n='x': parameter 'n' expects int \(.*\), got the str 'x'"):
+        check_types(dict(n="x"), {"n": [2]})
+    with pytest.raises(ValueError, match=r"expects a list of str .*got \['a', 5\]"):
+        check_types(dict(names=["a", 5]), {"names": [["a"]]})
 
 
 def test_strip_progress_keeps_the_notebooks_own_output():

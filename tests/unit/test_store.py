@@ -335,3 +335,53 @@ def test_property_reading_any_bytes_raises_only_store_errors(data):
         except StoreError as e:
             assert "res.jsonl, line " in str(e)
         assert path.read_bytes() == data
+
+
+# ---------------------------------------------------------------- error rows
+def test_an_error_row_is_superseded_only_when_asked(tmp_path):
+    """A row with `error` set counts as done; append(replace_error=True) writes a later row for its key, which
+    read() keeps, and done(include_errors=False) leaves error rows out. A row without error is never replaced."""
+    path = tmp_path / "res.jsonl"
+    store = ResultStore(path, ("id",))
+    store.append(dict(id=1, error=None, v=1))
+    store.append(dict(id=2, error="EditError: diverged"))
+    store.append(dict(id=3, v=3))  # no error column: not an error row
+    assert store.done() == {(1,), (2,), (3,)} and store.done(include_errors=False) == {(1,), (3,)}
+    with pytest.raises(ValueError, match=r"key \{'id': 2\} is already stored"):
+        store.append(dict(id=2, error=None, v=2))
+    for k in (1, 3):
+        with pytest.raises(ValueError, match=rf"'id': {k}\}} is already stored .* its row is not an error row"):
+            store.append(dict(id=k, error=None, v=-1), replace_error=True)
+    store.append(dict(id=2, error="EditError: diverged again"), replace_error=True)  # an error supersedes an error
+    store.append(dict(id=2, error=None, v=2), replace_error=True)
+    assert store.done(include_errors=False) == {(1,), (2,), (3,)}
+    with pytest.raises(ValueError, match="not an error row"):
+        store.append(dict(id=2, error=None, v=-2), replace_error=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # superseded error rows are not reported as repeated keys
+        reopened = ResultStore(path, ("id",))
+        df = reopened.read()
+        assert df.id.tolist() == df.v.tolist() == [1, 3, 2] and df.error.isna().all()
+        assert reopened.done(include_errors=False) == {(1,), (2,), (3,)}
+    assert len(path.read_text().splitlines()) == 5  # append-only: the error rows stay in the file
+    path.write_text(path.read_text() + '{"id": 1, "v": 9}\n')  # a repeat of a row that was no error row
+    with pytest.warns(RuntimeWarning, match=r"1 line\(s\) repeat the key .*\[\{'id': 1\}\]"):
+        ResultStore(path, ("id",))
+
+
+def test_run_cases_retries_error_rows_when_asked(tmp_path):
+    store = ResultStore(tmp_path / "res.jsonl", ("id",))
+    fail = {1, 3}
+    row = lambda i: dict(error="RuntimeError: refused" if i in fail else None, v=i)  # noqa: E731
+    assert run_cases(store, range(5), row, lambda i: i) == 5
+    assert run_cases(store, range(5), row, lambda i: i) == 0  # error rows count as done
+    fail = {3}
+    calls = []
+    assert run_cases(store, range(5), lambda i: calls.append(i) or row(i), lambda i: i, retry_errors=True) == 2
+    assert calls == [1, 3] and store.done(include_errors=False) == {(0,), (1,), (2,), (4,)}
+    df = ResultStore(store.path, ("id",)).read().set_index("id").sort_index()
+    assert df.error.notna().tolist() == [False, False, False, True, False] and df.v.tolist() == list(range(5))
+    main = ResultStore(tmp_path / "sharded.jsonl", ("id",))  # shards retry the main store's error rows too
+    main.append(dict(id=0, error="RuntimeError: refused"))
+    assert run_cases(main, [0], lambda i: dict(error=None), lambda i: i, shard=(0, 1), retry_errors=True) == 1
+    assert merge_shards(main) == 1 and main.done(include_errors=False) == {(0,)} and len(main.read()) == 1
