@@ -71,8 +71,9 @@ def _check_rows(ds: datasets.Dataset, paths: list[Path]) -> datasets.Dataset:
     return ds
 
 
-def _builder(builder: str, folder: str, *files: str, **config) -> datasets.Dataset:
-    """`datasets.load_dataset(builder)` over data/<folder>/<files>, cached under cache_dir(), with provenance."""
+def _builder(builder: str, folder: str, *files: str, columns: tuple[str, ...] = (), **config) -> datasets.Dataset:
+    """`datasets.load_dataset(builder)` over data/<folder>/<files>, cached under cache_dir(), with provenance;
+    DataError naming the files when one of `columns` is missing."""
     paths = [_path(folder, f) for f in files]
     for p in paths:
         if p.stat().st_size == 0:
@@ -86,6 +87,9 @@ def _builder(builder: str, folder: str, *files: str, **config) -> datasets.Datas
             if p.read_text(encoding="utf-8", errors="replace").strip() in ("[]", "{}"):
                 raise DataError(f"data file {p} holds no records") from e
         raise DataError(f"cannot read {', '.join(map(str, paths))} as {builder}: {type(e).__name__}: {e}") from e
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"data file {', '.join(map(str, paths))} lacks column(s) {missing}; it has {ds.column_names}")
     ds.info.description = _provenance(folder)
     return _check_rows(ds, paths)
 
@@ -130,7 +134,7 @@ def load_dataset_me_ppl(size: int = 50) -> datasets.Dataset:
     """ME-PPL (columns Corpus, Text): size 50 (ME-PPL_50), 1000 (ME-PPL_1k) or 10000 (the full set)."""
     if size not in ME_PPL_FILES:
         raise ValueError(f"ME-PPL comes in sizes {sorted(ME_PPL_FILES)}, not {size}")
-    return _builder("json", "ME-PPL", ME_PPL_FILES[size])
+    return _builder("json", "ME-PPL", ME_PPL_FILES[size], columns=("Text",))
 
 
 def load_me_ppl(size: int = 50) -> list[str]:
@@ -156,6 +160,9 @@ def load_wikitext() -> list[str]:
 
 # ---------------------------------------------------------------- edit cases
 COUNTERFACT_SPLITS = ("edit", "train", "val")
+EDIT_CASE_FIELDS = ("case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+                    "locality_prompt", "locality_ground_truth")
+ZSRE_FILE = "zsre_mend_train-1k.json"
 
 
 def load_dataset_counterfact(split: str = "all") -> datasets.Dataset:
@@ -163,7 +170,8 @@ def load_dataset_counterfact(split: str = "all") -> datasets.Dataset:
     splits = COUNTERFACT_SPLITS if split == "all" else (split,)
     if any(s not in COUNTERFACT_SPLITS for s in splits):
         raise ValueError(f"CounterFact split must be 'all' or one of {COUNTERFACT_SPLITS}, not {split!r}")
-    return _builder("json", "CounterFact", *(f"counterfact-{s}.json" for s in splits)).sort("case_id")
+    return _builder("json", "CounterFact", *(f"counterfact-{s}.json" for s in splits),
+                    columns=EDIT_CASE_FIELDS).sort("case_id")
 
 
 def load_counterfact(split: str = "all", n: int | None = None, seed: int = 0) -> list[dict]:
@@ -174,18 +182,23 @@ def load_counterfact(split: str = "all", n: int | None = None, seed: int = 0) ->
 
 def load_dataset_zsre() -> datasets.Dataset:
     """zsRE (MEND format: src, alt, answers, rephrase, loc, loc_ans, ...; 1,000 cases)."""
-    return _builder("json", "zsRE", "zsre_mend_train-1k.json")
+    return _builder("json", "zsRE", ZSRE_FILE,
+                    columns=("src", "subject", "alt", "answers", "rephrase", "loc", "loc_ans"))
 
 
 def load_zsre(n: int | None = None, seed: int = 0) -> list[dict]:
-    """zsRE mapped to the edit-case shape; case_id is the row index."""
+    """zsRE mapped to the edit-case shape; case_id is the row index. DataError for a case without an answer."""
     ds = load_dataset_zsre()
     idx = sample_indices(len(ds), n, seed)
+    rows = ds.select(idx).to_list()
+    empty = [i for i, r in zip(idx, rows) if not r["answers"]]
+    if empty:
+        raise DataError(f"data file {_path('zsRE', ZSRE_FILE)}: case(s) {empty[:10]} have no answer (answers: [])")
     return [dict(case_id=i, prompt=r["src"], subject=r["subject"], target_new=r["alt"],
                  ground_truth=r["answers"][0], rephrase_prompt=r["rephrase"],
                  locality_prompt=r["loc"].removeprefix("nq question: "),
                  locality_ground_truth=r["loc_ans"], dataset="zsre")
-            for i, r in zip(idx, ds.select(idx).to_list())]
+            for i, r in zip(idx, rows)]
 
 
 def load_cases(dataset: str, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -207,7 +220,7 @@ def load_known_1000() -> list[dict]:
 # ---------------------------------------------------------------- downstream tasks
 def load_dataset_piqa() -> datasets.Dataset:
     """PIQA validation: goal, sol1, sol2 and label (from valid-labels.lst, line-aligned)."""
-    ds = _builder("json", "PIQA", "valid.jsonl")
+    ds = _builder("json", "PIQA", "valid.jsonl", columns=("goal", "sol1", "sol2"))
     path = _path("PIQA", "valid-labels.lst")
     labels = [int(y) for y in path.read_text().split()]
     if len(labels) != len(ds):
@@ -223,7 +236,8 @@ def load_piqa(n: int | None = None, seed: int = 0) -> list[dict]:
 
 def load_dataset_hellaswag() -> datasets.Dataset:
     """HellaSwag validation, a random 1k subset (original schema: activity_label, ctx_a, ctx_b, endings, label)."""
-    return _builder("json", "HellaSwag", "hellaswag_val_1k.jsonl")
+    return _builder("json", "HellaSwag", "hellaswag_val_1k.jsonl",
+                    columns=("activity_label", "ctx_a", "ctx_b", "endings", "label"))
 
 
 def load_hellaswag(n: int | None = None, seed: int = 0) -> list[dict]:
@@ -260,7 +274,7 @@ def load_mmlu(split: str = "test", n: int | None = None, seed: int = 0) -> list[
 
 def load_dataset_lambada() -> datasets.Dataset:
     """LAMBADA test, OpenAI version (column text): passages whose last word is the target."""
-    return _builder("json", "LAMBADA", "lambada_test.jsonl")
+    return _builder("json", "LAMBADA", "lambada_test.jsonl", columns=("text",))
 
 
 def load_lambada(n: int | None = None, seed: int = 0) -> list[str]:
@@ -269,7 +283,7 @@ def load_lambada(n: int | None = None, seed: int = 0) -> list[str]:
 
 def load_dataset_nq() -> datasets.Dataset:
     """Natural Questions (open) dev: question, answer (a list of aliases)."""
-    return _builder("json", "NQ-open", "NQ-open.dev.jsonl")
+    return _builder("json", "NQ-open", "NQ-open.dev.jsonl", columns=("question", "answer"))
 
 
 def load_nq(n: int | None = None, seed: int = 0) -> list[dict]:
@@ -280,7 +294,8 @@ def load_nq(n: int | None = None, seed: int = 0) -> list[dict]:
 def load_dataset_squad2() -> datasets.Dataset:
     """SQuAD 2.0 dev, answerable short-answer subset: id, question, context, answer, and
     answers = {"text": [answer], "answer_start": [start]} as in the hub version."""
-    ds = _builder("json", "SQuAD2", "squad_v2_dev_answerable_subset.json")
+    ds = _builder("json", "SQuAD2", "squad_v2_dev_answerable_subset.json",
+                  columns=("id", "question", "context", "answer", "answer_span"))
     answers = [{"text": [a], "answer_start": [span[0]]} for a, span in zip(ds["answer"], ds["answer_span"])]
     return ds.add_column("answers", answers)
 

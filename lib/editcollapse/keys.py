@@ -12,6 +12,7 @@ the key statistics and the collapse analysis alike.
 """
 from __future__ import annotations
 
+import reprlib
 import weakref
 
 import torch
@@ -86,9 +87,13 @@ def keys_and_values(lm, layer: int, texts: list[str], idxs: list[int]) -> tuple[
 
 
 def edit_texts(lm, template: str, subject: str, contexts: list[str]) -> tuple[list[str], list[int]]:
-    """The prompt template behind each context ("{}" first), filled, and the subject's last index in each."""
+    """The prompt template behind each context ("{}" first), filled, and the subject's last index in each.
+    EditError when the longest does not fit in the model's positions."""
     filled = [c.format(template) for c in contexts]
-    return [t.format(subject) for t in filled], [subject_last_index(lm, t, subject) for t in filled]
+    texts = [t.format(subject) for t in filled]
+    lm.check_fits(max(len(lm.token_ids(t)) for t in texts), f"prompt {reprlib.repr(template.format(subject))} "
+                  "behind its longest context template", EditError)
+    return texts, [subject_last_index(lm, t, subject) for t in filled]
 
 
 def edit_keys(lm, layer: int, template: str, subject: str, contexts: list[str]):

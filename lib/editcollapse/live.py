@@ -3,7 +3,8 @@
 Every editor records here the edits it applied and that are not undone, oldest first
 (`editors.base`). An edit's `saved` tensors hold the values from before it wrote them, so the
 first live edit that saved a tensor holds its unedited value: `unedited(lm)` puts the unedited
-model back for a moment, without a copy of the model.
+model back for a moment, without a copy of the model. A Ctrl-C while weights are being put back
+waits until they all are (`sigint_deferred`), so a model is never left half restored.
 
 What an edit reads from the model itself, ROME's context templates and C = E[kkᵀ], is a property
 of the unedited model, as in the papers' code, which computes both once, before any edit. Computed
@@ -14,6 +15,8 @@ the unedited weights that such a value depends on, for the caches on disk.
 from __future__ import annotations
 
 import hashlib
+import signal
+import threading
 import weakref
 from contextlib import contextmanager
 
@@ -39,17 +42,34 @@ def unedited_values(lm) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it: a rollback is never left half done.
+    Only the main thread receives SIGINT, so elsewhere (or under a handler not set from Python) it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
+@contextmanager
 def unedited(lm):
     """Inside the block the model has its unedited weights; after it, its edited ones again (bit-identical)."""
     values = unedited_values(lm)
     edited = {name: get_parameter(lm.model, name).detach().clone() for name in values}
     try:
-        with torch.no_grad():
+        with sigint_deferred(), torch.no_grad():
             for name, value in values.items():
                 get_parameter(lm.model, name).copy_(value)
         yield lm
     finally:
-        with torch.no_grad():
+        with sigint_deferred(), torch.no_grad():
             for name, value in edited.items():
                 get_parameter(lm.model, name).copy_(value)
 
@@ -61,12 +81,17 @@ def parameters_through(lm, layer: int) -> list[str]:
     return [name for name, _ in lm.model.named_parameters() if not name.startswith(later)]
 
 
-def fingerprint(lm, names: list[str]) -> str:
-    """BLAKE2b of the unedited values (name, dtype, shape, bytes) of the named parameters: 16 hex digits."""
+def fingerprint(lm, names: list[str], memo: dict | None = None) -> str:
+    """SHA-256 of the unedited values (name, dtype, shape, bytes) of the named parameters: 16 hex digits.
+
+    `memo` ({name: digest}) shares the hashing of each parameter between several calls."""
     values = unedited_values(lm)
-    h = hashlib.blake2b(digest_size=8)
+    memo = {} if memo is None else memo
+    h = hashlib.sha256()
     for name in names:
-        t = values.get(name, get_parameter(lm.model, name)).detach()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
-    return h.hexdigest()
+        if name not in memo:
+            t = values.get(name, get_parameter(lm.model, name)).detach()
+            memo[name] = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode()
+                                        + t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()).digest()
+        h.update(name.encode() + b"|" + memo[name])
+    return h.hexdigest()[:16]

@@ -57,8 +57,12 @@ def _teacher_forced(lm, prompts: list[str], targets: list[str], batch_size: int 
 
     Rows are right-padded, so under the causal mask padding never reaches a scored position.
     """
+    if isinstance(prompts, str) or isinstance(targets, str):
+        raise TypeError("prompts and targets must be lists of strings, not one string")
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise ValueError("no prompts: give at least one (prompt, target) pair")
     out = []
     for start in range(0, len(prompts), batch_size):
         pairs = []
@@ -99,6 +103,8 @@ def predict_next(lm, prompt: str, k: int = 1) -> list[tuple[str, float]]:
     if not ids:
         raise ValueError(f"prompt {prompt!r} has no tokens (model {lm.spec.name} adds no BOS)")
     logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, -1].float()
+    if k > len(logits):
+        raise ValueError(f"k = {k} is more than the {len(logits)} tokens of {lm.spec.name}'s vocabulary")
     top = logits.softmax(-1).topk(k)
     return [(lm.tok.decode([i]), p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
 
@@ -118,6 +124,9 @@ def _check_case(case: dict) -> None:
 
 
 def _prompts(case: dict, prefix: str | None, prefix_fields) -> dict[str, str]:
+    if isinstance(prefix_fields, str):
+        raise TypeError(f"prefix_fields must be a list of prompt fields, e.g. ({prefix_fields!r},), "
+                        f"not the string {prefix_fields!r}")
     unknown = set(prefix_fields) - set(PROMPT_FIELDS)
     if unknown:
         raise ValueError(f"prefix_fields {sorted(unknown)} are not prompt fields {PROMPT_FIELDS}")

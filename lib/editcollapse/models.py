@@ -124,6 +124,13 @@ class LoadedModel:
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
+    def check_fits(self, n_tokens: int, what: str, error: type[Exception] = ValueError) -> None:
+        """Raise `error` naming `what`, its length and the limit when `n_tokens` exceed the model's positions
+        (GPT-2 fails on them, RoPE models silently run outside their training range)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and n_tokens > limit:
+            raise error(f"{what} has {n_tokens} tokens, more than the {limit} positions of {self.spec.name}")
+
     def token_ids(self, text: str) -> list[int]:
         """Token ids of `text` with the BOS rule applied (no padding, no other specials)."""
         ids = self.tok(text, add_special_tokens=False)["input_ids"]

@@ -73,10 +73,9 @@ def sentence_perplexities(lm: LoadedModel, texts: list[str], batch_size: int = 1
     short = [i for i, n in enumerate(lengths) if n < 2]
     if short:
         raise ValueError(f"texts {short[:10]} have fewer than 2 tokens (with the BOS rule): nothing to predict")
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
-    if limit is not None and max(lengths, default=0) > limit:
+    if lengths:
         i = int(np.argmax(lengths))
-        raise ValueError(f"text {i} has {lengths[i]} tokens, more than the model's {limit} positions")
+        lm.check_fits(lengths[i], f"text {i}")
     out = np.empty(len(texts))
     batches = length_sorted_batches(lengths, batch_size)
     for idx in tqdm(batches, desc="perplexity", disable=not progress, leave=False):

@@ -15,6 +15,11 @@ def _text(name: str, value, optional: bool = False) -> None:
         raise EditError(f"empty {name} {value!r}")
 
 
+def same_answer(a: str, b: str) -> bool:
+    """Whether two answers are the same fact: equal after stripping spaces and case-folding ('rome' is ' Rome')."""
+    return a.strip().casefold() == b.strip().casefold()
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """Rewrite (subject, relation) -> target_new. `prompt` contains the subject (or '{}' in its place)."""
@@ -40,6 +45,9 @@ class EditRequest:
         """The prompt with the subject replaced by '{}' (its first occurrence, on word boundaries)."""
         _text("prompt", self.prompt)
         _text("subject", self.subject)
+        if "{" in self.subject or "}" in self.subject:
+            raise EditError(f"subject {self.subject!r} holds a brace; braces are kept for the prompt's '{{}}', "
+                            f"which marks the subject's place")
         if "{}" in self.prompt:
             tmpl = self.prompt
         else:
@@ -63,5 +71,6 @@ class EditRequest:
         _text("target_true", self.target_true, optional=True)
         if self.case_id is not None and (isinstance(self.case_id, bool) or not isinstance(self.case_id, int)):
             raise EditError(f"case_id must be an int or None, got {self.case_id!r}")
-        if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
-            raise EditError(f"target_new {self.target_new!r} equals the current answer")
+        if self.target_true is not None and same_answer(self.target_new, self.target_true):
+            raise EditError(f"target_new {self.target_new!r} equals the current answer {self.target_true!r} "
+                            f"(compared without case and surrounding spaces)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -128,6 +129,10 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
     scores (`downstream.evaluate_all(lm, **downstream_kwargs)`) go to `downstream_store` at the
     steps listed in `downstream_steps`. Returns the number of rows written by this call.
     """
+    for what, name in (("run", run), ("experiment", experiment)):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"{what} must be a plain name (letters, digits, '_', '.', '-'; it names the run's state "
+                             f"file), not {name!r}")
     editor = get_editor(editor, **(editor_kwargs or {})) if isinstance(editor, str) else editor
     with store.writing(), (downstream_store.writing() if downstream_store is not None else nullcontext()):
         return _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps,

@@ -44,7 +44,7 @@ from .data import load_wikitext
 from .live import fingerprint, parameters_through, unedited
 from .models import LoadedModel
 from .nethook import TraceDict
-from .paths import cache_dir
+from .paths import atomic_write_text, cache_dir
 
 CORPORA = {"wikitext": load_wikitext}
 DEFAULT_N_TOKENS = None  # the whole corpus (~302k SmolLM2 tokens of WikiText-2): docs/stats_convergence.md
@@ -52,6 +52,7 @@ DEFAULT_SEQ_LEN = 1024  # ROME: texts truncated to GPT-2's 1,024 positions
 DEFAULT_BATCH_TOKENS = 4096
 SEED = 0  # order of the windows
 _RESULT_KEYS = ("count", "d_k", "created")  # metadata that describes the result, not the request
+_PER_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()  # model_moments
 _TOKENS: "weakref.WeakKeyDictionary[object, dict[str, list[int]]]" = weakref.WeakKeyDictionary()  # per tokenizer
 
 
@@ -187,7 +188,9 @@ def _moment(S: torch.Tensor, count: int, meta: dict) -> Moment:
     return Moment((C + C.T) / 2, dict(meta, count=count, d_k=C.shape[0]))
 
 
-def _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first) -> dict:
+def _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first, memo: dict | None = None) -> dict:
+    """The metadata that names a C: what was asked for, the library version and the weights (`memo`: see
+    live.fingerprint)."""
     if not 0 <= layer < lm.n_layers:
         raise ValueError(f"layer {layer} out of range for {lm.spec.name} ({lm.n_layers} layers)")
     if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
@@ -195,7 +198,7 @@ def _request(lm, layer, n_tokens, corpus, dtype, seq_len, skip_first) -> dict:
     return dict(model=lm.spec.name, layer=layer, module=lm.spec.module("mlp_out", layer), corpus=corpus,
                 n_tokens=n_tokens, seq_len=resolve_seq_len(lm, seq_len), dtype=str(dtype).removeprefix("torch."),
                 skip_first=skip_first, seed=SEED, version=importlib.metadata.version("editcollapse"),
-                weights=fingerprint(lm, parameters_through(lm, layer)))
+                weights=fingerprint(lm, parameters_through(lm, layer), memo))
 
 
 def cache_path(meta: dict) -> Path:
@@ -216,13 +219,13 @@ def _load(path: Path, request: dict) -> Moment | None:
 
 
 def _save(path: Path, m: Moment) -> None:
-    """Write the tensor, then its JSON sidecar, each to a temporary file renamed into place."""
+    """Write the tensor, then its JSON sidecar, each to a temporary file renamed into place (a C without
+    its sidecar is never read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     save_file({"C": m.C.contiguous()}, tmp)
     os.replace(tmp, path)
-    tmp.write_text(json.dumps(m.meta, indent=1))
-    os.replace(tmp, path.with_suffix(".json"))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(m.meta, indent=1))
 
 
 def second_moment(lm: LoadedModel, layer: int, n_tokens: int | None = DEFAULT_N_TOKENS, corpus: str = "wikitext",
@@ -243,7 +246,8 @@ def second_moments(lm: LoadedModel, layers, n_tokens: int | None = DEFAULT_N_TOK
                    seq_len: int | None = None, skip_first: bool = False, use_cache: bool = True) -> dict[int, Moment]:
     """`second_moment` of several layers {layer: Moment}: the ones not cached come from one shared pass
     over the corpus (MEMIT's and AlphaEdit's layer ranges cost one pass, not one per layer)."""
-    requests = {L: _request(lm, L, n_tokens, corpus, dtype, seq_len, skip_first) for L in dict.fromkeys(layers)}
+    memo: dict = {}
+    requests = {L: _request(lm, L, n_tokens, corpus, dtype, seq_len, skip_first, memo) for L in dict.fromkeys(layers)}
     out = {L: hit for L, r in requests.items() if use_cache and (hit := _load(cache_path(r), r)) is not None}
     missing = {r["module"]: L for L, r in requests.items() if L not in out}
     if missing:
@@ -258,6 +262,16 @@ def second_moments(lm: LoadedModel, layers, n_tokens: int | None = DEFAULT_N_TOK
             if use_cache:
                 _save(cache_path(requests[L]), out[L])
     return out
+
+
+def model_moments(lm: LoadedModel, layers, n_tokens: int | None = DEFAULT_N_TOKENS) -> dict[int, Moment]:
+    """`second_moments` kept per live model object, so that every edit of an editor reuses C and its
+    Cholesky factor. C is of the unedited model, so edits in between leave it as it is."""
+    cache = _PER_MODEL.setdefault(lm.model, {})
+    todo = [L for L in layers if (L, n_tokens) not in cache]
+    if todo:
+        cache.update({(L, n_tokens): m for L, m in second_moments(lm, todo, n_tokens).items()})
+    return {L: cache[L, n_tokens] for L in layers}
 
 
 # ---------------------------------------------------------------- studies

@@ -118,8 +118,8 @@ def test_paper_presets_match_the_authors_files():
 
 
 @pytest.mark.parametrize("hparams, message", [
-    ({"nullspace_threshold": 0}, "nullspace_threshold must be a finite number > 0"),
-    ({"L2": -1}, "L2 must be a finite number > 0"),
+    ({"nullspace_threshold": 0}, "nullspace_threshold must be a number > 0.0 \\(finite\\)"),
+    ({"L2": -1}, "L2 must be a number > 0.0 \\(finite\\)"),
     ({"layers": [2, 1]}, "layers must be"),
     ({"mom2_update_weight": 1e4}, "unknown AlphaEditHyperParams setting"),
 ])

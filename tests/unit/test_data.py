@@ -149,3 +149,25 @@ def test_unknown_size_or_split_is_rejected():
         data.load_counterfact("test")
     with pytest.raises(ValueError, match="unknown edit dataset"):
         data.load_cases("wiki")
+
+
+def test_a_missing_column_names_the_file(own_data):
+    """It used to say "Column 'Text' doesn't exist." without naming the file."""
+    own_data.write_text(json.dumps([{"Corpus": "x", "text": "one"}]))
+    with pytest.raises(data.DataError,
+                       match=r"ME-PPL_50.json lacks column\(s\) \['Text'\]; it has \['Corpus', 'text'\]"):
+        data.load_me_ppl(50)
+
+
+def test_a_zsre_case_without_an_answer_names_the_file_and_the_case(own_data):
+    """It used to raise a bare IndexError."""
+    folder = own_data.parent.parent / "zsRE"
+    folder.mkdir()
+    rows = [dict(src=f"Q{i}?", subject="Q", alt="B", answers=["A"], rephrase="Q?", loc="nq question: q", loc_ans="a")
+            for i in range(3)]
+    rows[1]["answers"] = []
+    (folder / "zsre_mend_train-1k.json").write_text(json.dumps(rows))
+    with pytest.raises(data.DataError,
+                       match=r"zsre_mend_train-1k.json: case\(s\) \[1\] have no answer \(answers: \[\]\)"):
+        data.load_zsre()
+    assert [c["case_id"] for c in data.load_zsre(n=1, seed=0)] == [0]  # a sample without it loads

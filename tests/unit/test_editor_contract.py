@@ -5,6 +5,7 @@ interrupted after it wrote is rolled back; the common diagnostics schema holds; 
 refusals and failures into rows with `error` set.
 """
 import functools
+import signal
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ BAD = [
     EditRequest("Paris {0} the capital of", "Paris", "Italy"),
     EditRequest("Paris is the capital of", None, "Italy"),
     EditRequest("Paris is the capital of", "Paris", 5),
+    EditRequest("Ber{}lin was formed in", "Ber{}lin", "Rome"),
+    EditRequest("Paris is the capital of", "Paris", "france", "France "),
 ]
 
 
@@ -139,6 +142,74 @@ def test_an_edit_interrupted_after_writing_is_rolled_back(lm, name, monkeypatch)
     monkeypatch.setattr(base, "tensor_changes", interrupted)  # runs after the editor has written
     with pytest.raises(KeyboardInterrupt):
         editor(name).apply(lm, REQ)
+    assert identical(lm, before) and not live_edits(lm)
+
+
+def ctrl_c_at_the_next_restore(monkeypatch):
+    """A Ctrl-C (a real SIGINT) as the next restore fetches its first tensor."""
+    fetch = base.get_parameter
+
+    def interrupted(model, name):
+        monkeypatch.setattr(base, "get_parameter", fetch)
+        signal.raise_signal(signal.SIGINT)
+        return fetch(model, name)
+
+    monkeypatch.setattr(base, "get_parameter", interrupted)
+
+
+@pytest.mark.parametrize("name", EDITORS)
+def test_a_second_ctrl_c_during_the_rollback_of_an_apply_waits_until_the_model_is_restored(tiny_models, name,
+                                                                                          monkeypatch):
+    lm = tiny_models("tiny-gpt2")
+    before = snapshot(lm)
+
+    def interrupted(*args, **kwargs):
+        ctrl_c_at_the_next_restore(monkeypatch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "tensor_changes", interrupted)  # runs after the editor has written
+    with pytest.raises(KeyboardInterrupt):
+        editor(name).apply(lm, REQ)
+    assert identical(lm, before) and not live_edits(lm)
+
+
+def test_a_ctrl_c_during_an_undo_waits_until_it_is_complete(tiny_models, monkeypatch):
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    result = editor("memit").apply(lm, REQ)
+    ctrl_c_at_the_next_restore(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        result.undo()
+    assert identical(lm, before) and result.undone and not live_edits(lm)
+
+
+def test_a_second_ctrl_c_during_the_rollback_of_an_edit_stack_waits_until_all_is_undone(tiny_models, monkeypatch):
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    with pytest.raises(KeyboardInterrupt):
+        with EditStack(lm) as stack:
+            stack.apply(editor("rome"), REQ)
+            stack.apply(editor("rome"), REQ2)
+            ctrl_c_at_the_next_restore(monkeypatch)
+            raise KeyboardInterrupt  # the first Ctrl-C
+    assert identical(lm, before) and not live_edits(lm) and not len(stack)
+
+
+def test_an_error_in_an_edit_stack_propagates_with_its_failed_rollback_noted(tiny_models):
+    """The stack's exit used to replace the block's error with the EditError of the rollback."""
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        with EditStack(lm) as stack:
+            stack.apply(editor("rome"), REQ)
+            outside = editor("rome").apply(lm, REQ2)  # not in the stack: its undo must come first
+            raise RuntimeError("boom")
+    assert raised.value.__notes__ == [
+        "EditStack could not roll back (EditError: undo out of order: 1 later edit(s) of this model are still "
+        "applied; undo them first (last applied, first undone), e.g. with an EditStack); 1 edit(s) of the stack "
+        "are still applied"]
+    outside.undo()
+    stack.undo_all()
     assert identical(lm, before) and not live_edits(lm)
 
 

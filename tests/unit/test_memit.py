@@ -8,6 +8,7 @@ from editcollapse.editors import MEMIT, EditError, EditRequest, edited
 from editcollapse.editors import memit
 from editcollapse.keys import context_templates, edit_keys
 from editcollapse.nethook import Trace, get_module
+from editcollapse import stats
 from editcollapse.stats import second_moment, second_moments
 from editcollapse.tokens import subject_last_index
 from tests.weights import snapshot
@@ -152,19 +153,19 @@ def test_cached_z_star_equals_the_papers_full_forward(tiny_models, arch):
 def test_C_is_read_once_per_layer_and_its_factor_reused(tiny_models, monkeypatch):
     lm = tiny_models("tiny-llama")
     calls = []
-    monkeypatch.setattr(memit, "_MOMENTS", weakref.WeakKeyDictionary())
-    monkeypatch.setattr(memit, "second_moments",
-                        lambda lm, layers, **kw: calls.append(list(layers)) or second_moments(lm, layers, **kw))
+    monkeypatch.setattr(stats, "_PER_MODEL", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stats, "second_moments",
+                        lambda lm, layers, *a, **kw: calls.append(list(layers)) or second_moments(lm, layers, *a, **kw))
     ed = MEMIT(hparams=FAST)
     for r in REQS[:2]:
         with edited(lm, r, ed):
             pass
     layers = ed.hparams_for(lm).layers
     assert calls == [list(layers)]  # all the layers in one call (one pass over the corpus where not cached)
-    factors = [memit._MOMENTS[lm.model][layer, 3000]._chol for layer in layers]
+    factors = [stats._PER_MODEL[lm.model][layer, 3000]._chol for layer in layers]
     with edited(lm, REQS[2], ed):
         pass
-    assert all(memit._MOMENTS[lm.model][layer, 3000]._chol is f for layer, f in zip(layers, factors))
+    assert all(stats._PER_MODEL[lm.model][layer, 3000]._chol is f for layer, f in zip(layers, factors))
 
 
 def test_singular_C_is_refused_with_the_model_untouched(tiny_models):
@@ -197,9 +198,10 @@ def test_paper_presets_match_the_authors_files():
     ({"layers": [4, 4]}, "distinct"),
     ({"layers": [-1, 0]}, "layers must be"),
     ({"layers": [1.0, 2]}, "layers must be"),
-    ({"mom2_update_weight": 0}, "mom2_update_weight must be a finite number > 0"),
+    ({"mom2_update_weight": 0}, "mom2_update_weight must be a number > 0.0 \\(finite\\)"),
     ({"mom2_update_weight": "1e4"}, "mom2_update_weight"),
     ({"mom2_update_weight": float("nan")}, "mom2_update_weight"),
+    ({"mom2_update_weight": float("inf")}, "mom2_update_weight"),
     ({"mom2_n_tokens": 0}, "mom2_n_tokens must be an int >= 1"),
     ({"context_template_length_params": [(10, 3)]}, "multiple of 5"),
     ({"v_lr": -1}, "v_lr must be a number"),

@@ -205,3 +205,21 @@ def test_errors(tiny_models):
     with pytest.raises(ValueError, match="has no tokens"):
         target_nll(gpt2, [""], ["Paris"])
     assert target_nll(lm, [""], ["Paris"]).isfinite().all()  # BOS alone is a context
+
+
+def test_empty_or_misshapen_inputs_get_clear_errors(tiny_models):
+    """They used to say 'stack expects a non-empty TensorList', 'selected index k out of range', and list the
+    letters of prefix_fields='prompt'."""
+    lm = tiny_models("tiny-llama")
+    with pytest.raises(ValueError, match=r"no prompts: give at least one \(prompt, target\) pair"):
+        target_nll(lm, [], [])
+    with pytest.raises(ValueError, match="no prompts"):
+        target_token_acc(lm, [], [])
+    with pytest.raises(TypeError, match="lists of strings, not one string"):
+        target_nll(lm, PROMPTS[0], TARGETS[0])
+    with pytest.raises(ValueError, match="k = 1001 is more than the 1000 tokens of tiny-llama's vocabulary"):
+        predict_next(lm, PROMPTS[0], k=1001)
+    assert len(predict_next(lm, PROMPTS[0], k=1000)) == 1000
+    with pytest.raises(TypeError, match=r"prefix_fields must be a list of prompt fields, e.g. \('prompt',\), "
+                                        r"not the string 'prompt'"):
+        edit_metrics(lm, case(), prefix="Once", prefix_fields="prompt")

@@ -148,3 +148,12 @@ def test_a_truncated_state_file_is_refused_with_its_name(tiny_models, tmp_path):
         sequential_run(lm, "rome", cases(1), sequential_store(tmp_path, "seq"), run="t", state_dir=tmp_path / "state",
                        editor_kwargs=dict(hparams=FAST))
     assert not live_edits(lm)
+
+
+@pytest.mark.parametrize("names", [dict(run="../x"), dict(run="a/b"), dict(run=""), dict(run=".hidden"),
+                                   dict(run="x", experiment="../../etc"), dict(run=3)])
+def test_a_run_name_that_is_not_a_plain_name_is_refused(tiny_models, tmp_path, names):
+    with pytest.raises(ValueError, match="must be a plain name"):
+        sequential_run(tiny_models("tiny-llama"), "rome", cases(1), sequential_store(tmp_path, "seq"),
+                       state_dir=tmp_path / "state", **names)
+    assert not (tmp_path / "seq.jsonl").exists() and not (tmp_path / "state").exists()

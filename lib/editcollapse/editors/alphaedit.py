@@ -28,7 +28,9 @@ import torch
 from ..errors import EditError
 from ..models import LoadedModel
 from .base import check_overrides, hparams_for, live_edits
-from .memit import MEMIT, SpreadParams, check_positive, moment, moments
+from ..stats import model_moments
+from .memit import MEMIT, SpreadParams, moment
+from .vstar import check_float
 
 _PROJECTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -42,8 +44,8 @@ class AlphaEditHyperParams(SpreadParams):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive(self, "nullspace_threshold")
-        check_positive(self, "L2")
+        check_float(self, "nullspace_threshold", 0.0, exclusive=True)
+        check_float(self, "L2", 0.0, exclusive=True)
 
 
 # The authors' hparams/AlphaEdit/gpt2-xl.json, EleutherAI_gpt-j-6B.json and, for Llama-2-7b (no file
@@ -114,7 +116,7 @@ class AlphaEdit(MEMIT):
         return hparams_for(AlphaEditHyperParams, PRESETS, lm, self.hparams)
 
     def prepare(self, lm: LoadedModel, hp: AlphaEditHyperParams) -> None:
-        moments(lm, hp.layers, hp.mom2_n_tokens)  # C of every layer in one pass where not cached
+        model_moments(lm, hp.layers, hp.mom2_n_tokens)  # C of every layer in one pass where not cached
         self.null_dims = {layer: int(null_space(lm, layer, hp.mom2_n_tokens, hp.nullspace_threshold).trace().round())
                           for layer in hp.layers}
         self.n_preserved = {layer: 0 for layer in hp.layers}

@@ -3,10 +3,13 @@
 `editor.apply(lm, requests)` takes one `EditRequest` or a batch, changes a few weight tensors
 of the live model in place and returns an `EditResult`. The contract, the same for every editor:
 
-- **Validated first.** A bad request or setting raises `EditError` before any weight is written.
+- **Validated first.** A bad request or setting raises `EditError` before any weight is written:
+  among others a prompt longer than the model's positions, or edited layers whose weights already
+  hold NaN or inf.
 - **Atomic.** Before it writes a tensor, the editor saves a clone of it (`WeightTransaction`).
   If anything raises before the result is returned (a NaN, an error in the diagnostics, a
-  KeyboardInterrupt), the saved tensors are copied back before the exception propagates.
+  KeyboardInterrupt), the saved tensors are copied back before the exception propagates. A Ctrl-C
+  during that rollback, or during an undo, waits until it is complete (`sigint_deferred`).
 - **Exact, ordered undo.** `EditResult.undo()` copies the saved tensors back: bit-identical
   weights, with no copy of the model. Each model keeps the list of its live edits; only the
   most recent one can be undone (last applied, first undone), anything else is refused.
@@ -18,6 +21,7 @@ of the live model in place and returns an `EditResult`. The contract, the same f
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -27,10 +31,11 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
-from ..live import _LIVE, live_edits  # noqa: F401 - live_edits is part of this module's API
+from ..live import _LIVE, live_edits, sigint_deferred  # noqa: F401 - live_edits is part of this module's API
 from ..models import LoadedModel
 from ..nethook import get_parameter
 from ..request import EditRequest
+from ..tokens import target_ids
 
 TOP_ENTRIES = 5
 
@@ -78,13 +83,14 @@ class EditResult:
             later = len(live) - 1 - live.index(self) if self in live else "unknown"
             raise EditError(f"undo out of order: {later} later edit(s) of this model are still applied; "
                             f"undo them first (last applied, first undone), e.g. with an EditStack")
-        _restore(self.lm, self.saved)
-        live.pop()
-        self.undone = True
+        with sigint_deferred():
+            _restore(self.lm, self.saved)
+            live.pop()
+            self.undone = True
 
 
 def _restore(lm: LoadedModel, saved: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
+    with sigint_deferred(), torch.no_grad():
         for name, value in saved.items():
             get_parameter(lm.model, name).copy_(value)
 
@@ -169,6 +175,24 @@ def check_layer(lm: LoadedModel, layer: int) -> None:
         raise EditError(f"layer {layer} out of range for {lm.spec.name} ({lm.n_layers} layers)")
 
 
+def check_length(lm: LoadedModel, request: EditRequest) -> None:
+    """Refuse a request whose prompt and target (the longest text an edit runs without a context) do not fit
+    in the model's positions."""
+    n = len(lm.token_ids(request.template().format(request.subject))) + len(target_ids(lm, request.target_new)) - 1
+    lm.check_fits(n, f"prompt {reprlib.repr(request.prompt)} with target {reprlib.repr(request.target_new)}", EditError)
+
+
+def check_finite(lm: LoadedModel, layers) -> None:
+    """Refuse to edit layers whose weights already hold NaN or inf: the model was broken before the edit."""
+    for layer in layers:
+        check_layer(lm, layer)
+        block = lm.spec.module("layer", layer)
+        bad = [f"{block}.{n}" for n, p in lm.model.get_submodule(block).named_parameters() if not p.isfinite().all()]
+        if bad:
+            raise EditError(f"the model's weights were already broken before this edit: {', '.join(bad)} hold "
+                            f"NaN or inf; reload the model (or undo the edit that broke it)")
+
+
 class Editor:
     """Base class of the editors. Subclasses set `name` (or a property) and `batched`, and implement
 
@@ -190,6 +214,8 @@ class Editor:
                             f"or use a batched editor (MEMIT, AlphaEdit)")
         for r in requests:
             r.validate()
+            check_length(lm, r)
+        check_finite(lm, self.edited_layers(lm))
         tx = WeightTransaction(lm)
         self.clock = {}
         t0 = time.perf_counter()
@@ -206,6 +232,14 @@ class Editor:
 
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx: WeightTransaction):
         raise NotImplementedError
+
+    def edited_layers(self, lm: LoadedModel) -> tuple[int, ...]:
+        """The layers an apply writes to (checked for NaN and inf first): its settings' `layers`, or `layer`;
+        none for an editor without `hparams_for`. Editors laid out otherwise override it."""
+        if not hasattr(self, "hparams_for"):
+            return ()
+        hp = self.hparams_for(lm)
+        return tuple(hp.layers) if hasattr(hp, "layers") else (hp.layer,)
 
     def trained_on(self, lm: LoadedModel, case: dict) -> bool:
         """Whether this editor was trained on `case` (MEND: its training split), so that its scores on

@@ -48,10 +48,11 @@ class FTHyperParams:
         check_int(self, "layer", 0)
         check_int(self, "num_steps", 1)
         check_int(self, "batch_size", 1)
-        for name in ("lr", "weight_decay", "early_stop_loss"):
+        check_float(self, "lr", 0.0, exclusive=True)  # lr = 0 or ε = 0: an edit that changes nothing
+        for name in ("weight_decay", "early_stop_loss"):
             check_float(self, name, 0.0)
         if self.norm_constraint is not None:
-            check_float(self, "norm_constraint", 0.0)
+            check_float(self, "norm_constraint", 0.0, exclusive=True)
         if self.objective not in OBJECTIVES:
             raise EditError(f"FTHyperParams.objective must be one of {OBJECTIVES}, got {self.objective!r}")
 

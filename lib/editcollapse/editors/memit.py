@@ -34,17 +34,10 @@ from ..errors import EditError
 from ..keys import check_template_lengths, context_templates, edit_texts
 from ..models import LoadedModel
 from ..nethook import Trace
-from ..stats import Moment, second_moments
+from ..stats import Moment, model_moments
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
-from .vstar import VStarParams, check_int, compute_v_star, curve_summary
+from .vstar import VStarParams, check_float, check_int, compute_v_star, curve_summary
 
-_MOMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def check_positive(hp, name: str) -> None:
-    v = getattr(hp, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-        raise EditError(f"{type(hp).__name__}.{name} must be a finite number > 0, got {v!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +73,7 @@ class MEMITHyperParams(SpreadParams):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive(self, "mom2_update_weight")
+        check_float(self, "mom2_update_weight", 0.0, exclusive=True)
 
 
 # The papers' settings: MEMIT's hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json, and the
@@ -106,18 +99,8 @@ PRESETS = {
 
 
 def moment(lm: LoadedModel, layer: int, n_tokens: int | None) -> Moment:
-    """C of `layer` from stats.second_moment, kept per live model so that its Cholesky factor is reused."""
-    return moments(lm, [layer], n_tokens)[layer]
-
-
-def moments(lm: LoadedModel, layers, n_tokens: int | None) -> dict[int, Moment]:
-    """`moment` of several layers; those not computed yet come from one pass (stats.second_moments)."""
-    cache = _MOMENTS.setdefault(lm.model, {})
-    todo = [L for L in layers if (L, n_tokens) not in cache]
-    if todo:
-        got = second_moments(lm, todo, **({} if n_tokens is None else {"n_tokens": n_tokens}))
-        cache.update({(L, n_tokens): m for L, m in got.items()})
-    return {L: cache[L, n_tokens] for L in layers}
+    """C of `layer`, kept per live model (stats.model_moments) so that its Cholesky factor is reused."""
+    return model_moments(lm, [layer], n_tokens)[layer]
 
 
 def template_weights(hp: SpreadParams, n_templates: int) -> torch.Tensor:
@@ -218,7 +201,7 @@ class MEMIT(Editor):
 
     def prepare(self, lm: LoadedModel, hp: MEMITHyperParams) -> None:
         """Load (or compute, in one pass) C of every layer, and factor it, before any weight is written."""
-        for m in moments(lm, hp.layers, hp.mom2_n_tokens).values():
+        for m in model_moments(lm, hp.layers, hp.mom2_n_tokens).values():
             try:
                 m.cholesky()
             except ValueError as e:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import EditError
 from ..keys import check_template_lengths, context_templates, edit_keys
 from ..models import LoadedModel
-from ..stats import second_moment
+from ..stats import model_moments
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
 from .vstar import VStarParams, check_int, compute_v_star, curve_summary
 
@@ -139,12 +139,17 @@ class ROME(Editor):
         return prefixes[(request.case_id or 0) % len(prefixes)].replace("{}", "")
 
     def moment(self, lm: LoadedModel, hp: ROMEHyperParams):
-        """C of this model's layer: `self.stats` when given (and it matches), else stats.second_moment."""
+        """C of this model's layer, factored: `self.stats` when given (and it matches), else stats.model_moments.
+        EditError when C is not positive definite."""
         if self.stats is None:
-            kwargs = {} if hp.mom2_n_tokens is None else {"n_tokens": hp.mom2_n_tokens}
-            return second_moment(lm, hp.layer, **kwargs)
-        meta = self.stats.meta
-        if meta.get("model") != lm.spec.name or meta.get("layer") != hp.layer:
-            raise EditError(f"the given stats are for {meta.get('model')} layer {meta.get('layer')}, "
-                            f"not {lm.spec.name} layer {hp.layer}")
-        return self.stats
+            m = model_moments(lm, [hp.layer], hp.mom2_n_tokens)[hp.layer]
+        else:
+            m, meta = self.stats, self.stats.meta
+            if meta.get("model") != lm.spec.name or meta.get("layer") != hp.layer:
+                raise EditError(f"the given stats are for {meta.get('model')} layer {meta.get('layer')}, "
+                                f"not {lm.spec.name} layer {hp.layer}")
+        try:
+            m.cholesky()
+        except ValueError as e:
+            raise EditError(f"{e} (mom2_n_tokens)") from e
+        return m

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..models import LoadedModel
-from .base import EditResult, Editor
+from .base import EditResult, Editor, sigint_deferred
 
 
 class EditStack:
@@ -11,6 +11,9 @@ class EditStack:
     Edits are applied in order on the already edited model; `undo_last` / `undo_all` take them
     back last-first, which restores bit-identical weights. An edit of the stack can only be
     undone through the stack, in that order (EditResult.undo refuses any other order).
+
+    On exit every edit is undone, and a Ctrl-C meanwhile waits until all are. An error raised in the
+    block propagates as it is; when the rollback fails too, a note on it says why and what is still applied.
     """
 
     def __init__(self, lm: LoadedModel):
@@ -37,5 +40,12 @@ class EditStack:
     def __enter__(self) -> "EditStack":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.undo_all()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with sigint_deferred():
+            try:
+                self.undo_all()
+            except Exception as failed:
+                if exc is None:
+                    raise
+                exc.add_note(f"EditStack could not roll back ({type(failed).__name__}: {failed}); "
+                             f"{len(self.results)} edit(s) of the stack are still applied")

@@ -19,6 +19,8 @@ model at each step, full-vocabulary log-softmax at every position).
 from __future__ import annotations
 
 import copy
+import math
+import reprlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,7 +49,9 @@ class VStarParams:
 
     def __post_init__(self):
         check_int(self, "v_num_grad_steps", 1)
-        for name in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss"):
+        for name in ("v_lr", "clamp_norm_factor"):  # 0 would leave v* = v_init: an edit that changes nothing
+            check_float(self, name, 0.0, exclusive=True)
+        for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
             check_float(self, name, 0.0)
         if not isinstance(self.kl_prompt, str) or self.kl_prompt.count("{}") != 1:
             raise EditError(f"kl_prompt must be a string holding '{{}}' once, got {self.kl_prompt!r}")
@@ -60,10 +64,13 @@ def check_int(hp, name: str, low: int, high: int | None = None) -> None:
         raise EditError(f"{type(hp).__name__}.{name} must be an int {bound}, got {v!r}")
 
 
-def check_float(hp, name: str, low: float) -> None:
+def check_float(hp, name: str, low: float, exclusive: bool = False) -> None:
+    """Refuse a setting that is not a finite number >= low (> low when `exclusive`); NaN and inf included."""
     v = getattr(hp, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= low:
-        raise EditError(f"{type(hp).__name__}.{name} must be a number >= {low}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low \
+            or (exclusive and v == low):
+        raise EditError(f"{type(hp).__name__}.{name} must be a number {'>' if exclusive else '>='} {low} "
+                        f"(finite), got {v!r}")
 
 
 @dataclass
@@ -90,6 +97,8 @@ def _build_prompts(lm: LoadedModel, request, templates: list[str], kl_prompt: st
         ids.append(row)
     lookup.append(subject_last_index(lm, kl_prompt, request.subject))
     ids.append(lm.token_ids(kl_prompt.format(request.subject)))
+    lm.check_fits(max(map(len, ids)), f"prompt {reprlib.repr(request.prompt)} behind its longest context template, "
+                  f"with its target,", EditError)
     return _Prompts(ids, lookup, target_pos, target, len(templates))
 
 
@@ -354,7 +363,9 @@ def compute_v_star(lm: LoadedModel, request, templates: list[str], hp, module: s
         wd = hp.v_weight_decay * delta.norm() / v_init.norm() ** 2
         loss = nll_loss + kl_loss + wd
         if not torch.isfinite(loss):
-            raise EditError(f"non-finite v* loss at step {step} (nll {nll_loss.item()}, kl {kl_loss.item()})")
+            why = ": the model's outputs are not finite before any change (NaN or inf in its weights?)" \
+                if step == 0 else ""
+            raise EditError(f"non-finite v* loss at step {step} (nll {nll_loss.item()}, kl {kl_loss.item()}){why}")
         curve.append(dict(step=step, loss=loss.item(), nll=nll_loss.item(), kl=kl_loss.item(), wd=wd.item(),
                           p_target=torch.exp(-nll).mean().item()))
         if loss.item() < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
