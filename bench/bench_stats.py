@@ -20,6 +20,7 @@ from editcollapse import keys, stats
 from editcollapse.data import load_counterfact
 from editcollapse.models import load_model
 from editcollapse.nethook import Trace
+from editcollapse.paths import atomic_write_text
 
 
 def rate(fn, n_tokens: int) -> float:
@@ -84,7 +85,7 @@ def main():
         df = stats.convergence(lm, args.layer, [int(s) for s in args.sizes.split(",")], keys, seq_len=seq_len,
                                batch_tokens=args.batch_tokens)
         if args.csv:
-            df.to_csv(args.csv, index=False)
+            atomic_write_text(args.csv, df.to_csv(index=False))
         table = df.groupby("n_tokens").agg(rel_fro_err=("rel_fro_err", "first"), cos_mean=("cos", "mean"),
                                            cos_min=("cos", "min"), rel_fro_err_rest=("rel_fro_err_rest", "first"),
                                            cos_rest_mean=("cos_rest", "mean"), cos_rest_min=("cos_rest", "min"))

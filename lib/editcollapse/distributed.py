@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .paths import cli_path, in_repo
 from .store import ResultStore
 
 
@@ -65,11 +66,18 @@ class SingleEdit:
         self._editor = get_editor(self.editor, **self.editor_kwargs)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
-        from .experiments import single_edit_row
+        """A row per case; none for a case whose edit failed for another reason than the case itself
+        (experiments.FailedEdit), so that the next sweep retries it."""
+        from .experiments import FailedEdit, single_edit_row
 
-        ids = dict(experiment=self.experiment, model=lm.spec.name, editor=self.name)
-        return [dict(ids, **single_edit_row(lm, self._editor, case, self.ppl_size, self.ppl_original))
-                for case in items]
+        ids, out = dict(experiment=self.experiment, model=lm.spec.name, editor=self.name), []
+        for case in items:
+            try:
+                out.append(dict(ids, **single_edit_row(lm, self._editor, case, self.ppl_size, self.ppl_original,
+                                                       raise_failures=True)))
+            except FailedEdit:
+                pass
+        return out
 
 
 @dataclass
@@ -235,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per worker")
     ap.add_argument("--gpus-per-worker", type=float, default=0)
     ap.add_argument("--address", default=None, help="an existing Ray cluster ('auto', 'ray://host:10001')")
-    ap.add_argument("--results-dir", default="results")
+    ap.add_argument("--results-dir", type=cli_path, default=in_repo("results"),
+                    help="(default: the repository's results/)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     lm = load_model(a.model, device="cpu")

@@ -4,7 +4,8 @@
   perplexity and the update's diagnostics, undo. The Butterfly-Effect paper's single editing
   (Sec. 4): every edit starts from the original model.
 - `single_edit_sweep`: that row for many cases into a `ResultStore`, skipping cases already
-  done (a killed run restarts where it stopped).
+  done (a killed run restarts where it stopped); an edit that failed for a reason other than its
+  case (`FailedEdit`) is not stored, so that a rerun retries it.
 - `first_token_cases` / `quick_sample`: the cases where collapse is expected ("The Fall of
   ROME", Sec. 3: the subject is the first token of the prompt) mixed with random ones.
 - `hardcf`: the collapse cases of a sweep in CounterFact format with their perplexity.
@@ -17,12 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import data, metrics, perplexity
 from .editors import EditError, EditRequest, get_editor
 from .tokens import subject_last_index
 from .models import LoadedModel
-from .paths import data_dir, in_repo
+from .paths import atomic_write_text, data_dir, in_repo
 from .store import ResultStore, run_cases
 
 ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
@@ -67,22 +69,37 @@ def apply_case(lm: LoadedModel, apply, case: dict):
     return apply(request), reference
 
 
+class FailedEdit(RuntimeError):
+    """An edit that failed for a reason other than its case (e.g. out of memory, an error while measuring):
+    a sweep stores no row for it, so that a rerun retries it."""
+
+
 def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl_original: float | None = None,
-                    threshold: float = perplexity.COLLAPSE_THRESHOLD) -> dict:
+                    threshold: float = perplexity.COLLAPSE_THRESHOLD, raise_failures: bool = False) -> dict:
     """Edit, measure, undo. Returns a flat row: the case, edit metrics, ME-PPL perplexity, and the
     result's scalar diagnostics (the common ones and whatever this editor reports).
 
-    A refused or failed edit gives a row with `error` set (and the model untouched), never an
-    exception, so that a sweep goes on; KeyboardInterrupt still stops it.
+    A refused edit (a ValueError, EditError included: a bad case or an edit the editor will not make)
+    gives a row with `error` set (and the model untouched), never an exception, so that a sweep goes
+    on. Any other failure, while editing or measuring, gives such a row too, or with `raise_failures`
+    a `FailedEdit` (what sweeps use). KeyboardInterrupt still stops it.
     """
     case = case if isinstance(case, dict) else {}
     row = {k: case.get(k) for k in CASE_COLUMNS}
     row.update(first_token=subject_is_first_token(lm, case), trained_on=editor.trained_on(lm, case), error=None)
+
+    def failed(error: str, cause: Exception) -> dict:
+        if raise_failures:
+            raise FailedEdit(error) from cause
+        return dict(row, error=error)
+
     t0 = time.perf_counter()
     try:
         result, reference = apply_case(lm, lambda request: editor.apply(lm, request), case)
-    except Exception as e:  # noqa: BLE001 - a sweep records every refusal and failure as a row
+    except ValueError as e:  # EditError included: the case or the edit is refused, as a rerun would refuse it
         return dict(row, error=f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - a sweep goes on after any failure
+        return failed(f"{type(e).__name__}: {e}", e)
     try:
         row.update(metrics.edit_metrics(lm, case, reference))
         if result.test_prefix is not None:
@@ -90,7 +107,7 @@ def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl
             row.update({f"prefixed_{k}": v for k, v in pre.items()})
         ppl = perplexity.me_ppl(lm, ppl_size, progress=False)
     except Exception as e:  # noqa: BLE001
-        return dict(row, error=f"{type(e).__name__} while measuring the edited model: {e}")
+        return failed(f"{type(e).__name__} while measuring the edited model: {e}", e)
     finally:
         result.undo()
     row.update(ppl=ppl["mean"], ppl_median=ppl["median"], ppl_size=ppl_size,
@@ -104,17 +121,43 @@ def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl
 
 def single_edit_sweep(lm: LoadedModel, editor_name: str, cases: list[dict], store: ResultStore,
                       experiment: str = "single_edit", ppl_size: int = 50, ppl_original: float | None = None,
-                      editor_kwargs: dict | None = None) -> None:
-    """`single_edit_row` for every case not yet in `store` (tqdm bar with ETA)."""
+                      editor_kwargs: dict | None = None, retry_errors: bool = False) -> dict:
+    """`single_edit_row` for every case not yet in `store` (tqdm bar with ETA); returns a summary, also printed.
+
+    A refused edit is stored as a row with `error` set; a rerun keeps it, unless `retry_errors`: then the case
+    is edited again and its new row supersedes the error row. A `FailedEdit` is not stored: the sweep goes on,
+    and a rerun retries it. Summary: cases, done_before, stored (rows written now), retried (error rows edited
+    again), error_rows (these cases' rows with `error` set in the store now), failed (not stored) and failures
+    (case_id and error of each).
+    """
     editor = get_editor(editor_name, **(editor_kwargs or {}))
     ids = dict(experiment=experiment, model=lm.spec.name, editor=editor.name)
+    label, failures = f"{editor.name} on {lm.spec.name}", []
 
-    def one(case):
-        return dict(ids, **single_edit_row(lm, editor, case, ppl_size, ppl_original))
+    def one(case: dict) -> dict | None:
+        try:
+            return dict(ids, **single_edit_row(lm, editor, case, ppl_size, ppl_original, raise_failures=True))
+        except FailedEdit as e:
+            failures.append(dict(case_id=case.get("case_id"), error=str(e)))
+            return None  # not stored: the next sweep edits it again
 
-    run_cases(store, cases, one, key_of=lambda c: (experiment, lm.spec.name, editor.name, c.get("dataset"),
-                                                   c.get("case_id")),
-              desc=f"{editor.name} on {lm.spec.name}")
+    def key_of(case: dict) -> tuple:
+        return experiment, lm.spec.name, editor.name, case.get("dataset"), case.get("case_id")
+
+    keys = {store.normalize_key(key_of(c)) for c in cases}
+    with store.writing():
+        before = store.done()
+        pending = keys - (store.done(include_errors=False) if retry_errors else before)
+        stored = run_cases(store, cases, one, key_of, desc=label, retry_errors=retry_errors)
+        errors = len(keys & (store.done() - store.done(include_errors=False)))
+    summary = dict(cases=len(cases), done_before=len(cases) - len(pending), stored=stored,
+                   retried=len(pending & before), error_rows=errors, failed=len(failures), failures=failures)
+    first = "; ".join(f"case {f['case_id']}: {f['error'][:120]}" for f in failures[:3])
+    again = f"{summary['retried']} of them edited again" if retry_errors else "retry_errors=True edits them again"
+    tqdm.write(f"{label}: {len(cases)} cases, {summary['done_before']} done before, {stored} stored now; {errors} "
+               f"error rows (refused edits; {again}); {len(failures)} failed and not stored (a rerun retries them)"
+               + (f": {first}" if first else ""))
+    return summary
 
 
 def results_store(results_dir: str | Path, name: str) -> ResultStore:
@@ -129,9 +172,7 @@ def hardcf(rows, path: str | Path | None = None, threshold: float = perplexity.C
     out = [dict(cf[int(r.case_id)], model=r.model, editor=r.editor, ppl=float(r.ppl),
                 first_token=bool(r.first_token)) for r in hard.itertuples()]
     if path is not None:
-        path = in_repo(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
+        atomic_write_text(in_repo(path), json.dumps(out, indent=1))
     return out
 
 

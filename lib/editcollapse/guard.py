@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, replace
 
@@ -45,6 +47,7 @@ from .editors import ROME, EditError, EditRequest, Editor, get_editor
 from .keys import context_templates
 from .models import LoadedModel, pad_ids
 from .nethook import Trace, TraceDict
+from .paths import atomic_write_text, cli_path, in_repo
 from .perplexity import COLLAPSE_THRESHOLD
 from .tokens import subject_last_index
 
@@ -125,7 +128,9 @@ def _truncated_rows(lm: LoadedModel, request: EditRequest, contexts: list[str]) 
     texts = [c.replace("{}", head) for c in contexts]
     ids = lm.tok(texts, add_special_tokens=False)["input_ids"]
     bos = [lm.tok.bos_token_id] if lm.spec.prepend_bos else []
-    return [bos + list(r) for r in ids], start, last
+    rows = [bos + list(r) for r in ids]
+    lm.check_fits(max(map(len, rows)), f"prompt {request.prompt!r:.80} behind its longest context", EditError)
+    return rows, start, last
 
 
 def _select(cache, index: torch.Tensor):
@@ -380,8 +385,9 @@ class Guarded(Editor):
       "prefix" (the request's prompt behind one of the editor's context templates, which is also the
       result's test-time prefix; any editor with at least one context template), or an Editor.
 
-    The result's diagnostics carry guard_score, guard_threshold, guard_flagged, guard_action, guard_editor
-    and guard_prompts (the prompts actually edited).
+    `threshold` is a finite score (None: `threshold_for` the model). A score that is not a number is flagged:
+    the guard cannot vouch for it. The result's diagnostics carry guard_score, guard_threshold, guard_flagged,
+    guard_action, guard_editor and guard_prompts (the prompts actually edited).
     """
 
     def __init__(self, editor: Editor, guard: str = "refuse", threshold: float | None = None, fallback=None):
@@ -389,6 +395,14 @@ class Guarded(Editor):
             raise EditError(f"guard must be one of {MODES}, got {guard!r}")
         if not isinstance(editor, Editor):
             raise EditError(f"Guarded wraps an Editor, got {type(editor).__name__}")
+        if isinstance(editor, Guarded):
+            raise EditError(f"{editor.name} is guarded already: wrap the bare editor once, "
+                            f"Guarded({editor.editor.name}, ...)")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                      or not math.isfinite(threshold)):
+            raise EditError(f"threshold must be a finite number (a score −log uᵀk^u) or None for the model's "
+                            f"calibrated one, not {type(threshold).__name__} {threshold!r}")
+        threshold = None if threshold is None else float(threshold)
         if fallback is None:
             fallback = "c-rome" if isinstance(editor, ROME) else "prefix"
         if isinstance(fallback, str) and fallback not in ("c-rome", "prefix"):
@@ -396,11 +410,15 @@ class Guarded(Editor):
         if fallback == "c-rome" and not isinstance(editor, ROME):
             raise EditError(f"fallback 'c-rome' needs a ROME editor, not {editor.name}; use fallback='prefix'")
         self.editor, self.guard, self.threshold, self.fallback = editor, guard, threshold, fallback
-        self.batched = editor.batched
+        self.batched, self.carries = editor.batched, editor.carries
 
     @property
     def name(self) -> str:
         return f"{self.editor.name}+guard-{self.guard}"
+
+    def edited_layers(self, lm: LoadedModel) -> tuple[int, ...]:
+        """The layers that the editor or its fallback may write (checked for NaN and inf before an edit)."""
+        return tuple(sorted({*self.editor.edited_layers(lm), *self._fallback_editor().edited_layers(lm)}))
 
     def _fallback_editor(self) -> Editor:
         if self.fallback == "c-rome":
@@ -415,14 +433,15 @@ class Guarded(Editor):
         bad = feats.error.dropna()
         if len(bad):
             raise EditError(bad.iloc[0])
-        flagged = feats.score > threshold
+        flagged = ~(feats.score <= threshold)  # NaN is flagged
         action = "edit"
         editor, prefix = self.editor, None
         if flagged.any():
-            worst = feats.loc[feats.score.idxmax()]
+            worst = feats.loc[feats.score.where(flagged).fillna(np.inf).idxmax()]
+            score = f"{worst.score:.2f} >" if worst.score > threshold else "NaN (no score) against"
             what = (f"the guard scores {int(flagged.sum())} of {len(requests)} request(s) as likely to collapse "
-                    f"{lm.spec.name} (case {worst.case_id}: uᵀk^u {worst.denominator_raw:.3g}, score "
-                    f"{worst.score:.2f} > threshold {threshold:.2f})")
+                    f"{lm.spec.name} (case {worst.case_id}: uᵀk^u {worst.denominator_raw:.3g}, score {score} "
+                    f"threshold {threshold:.2f})")
             if self.guard == "refuse":
                 raise EditError(f"{what}; refused, the model is unchanged. Use guard='switch' to edit with C-ROME "
                                 "or a prefix instead")
@@ -592,25 +611,18 @@ def recall_estimate(plan: pd.DataFrame, measured: pd.DataFrame) -> dict:
 def write_hardcf(path, confirmed: pd.DataFrame, cases: dict[int, dict], meta: dict) -> list[dict]:
     """The confirmed collapse cases as CounterFact records (data/CounterFact's fields) plus the model, editor,
     ME-PPL_50, the screen's denominator, uᵀk^u and score, first_token and stratum; JSON at `path`."""
-    import json
-
-    from .paths import in_repo
-
     hard = confirmed[confirmed.label.astype(bool)].sort_values("ppl", ascending=False)
     out = [dict({k: v for k, v in cases[int(r.case_id)].items() if k != "dataset"}, model=meta["model"],
                 editor=meta["editor"], ppl=float(r.ppl), denominator=float(r.denominator),
                 u_k=float(r.denominator_raw), guard_score=float(r.score), first_token=bool(r.first_token),
                 stratum=r.stratum) for r in hard.itertuples()]
-    path = in_repo(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, ensure_ascii=False))
+    atomic_write_text(in_repo(path), json.dumps(out, indent=1, ensure_ascii=False))
     return out
 
 
 def edit_rows(results_dir="results", stores=EDIT_STORES) -> pd.DataFrame:
     """Single-edit rows of every store in `stores` that exists under `results_dir`; a key in several keeps the first."""
     from .experiments import ROW_KEY, results_store
-    from .paths import in_repo
 
     parts = [results_store(results_dir, n).read() for n in stores if (in_repo(results_dir) / f"{n}.jsonl").exists()]
     parts = [p for p in parts if len(p)]
@@ -621,10 +633,13 @@ def edit_rows(results_dir="results", stores=EDIT_STORES) -> pd.DataFrame:
 
 def sweep_missing(lm: LoadedModel, editor_name: str, cases: list[dict], store, results_dir="results",
                   **sweep) -> int:
-    """`single_edit_sweep` into `store` of the cases that no store of EDIT_STORES holds yet (in the given order)."""
+    """`single_edit_sweep` into `store` of the cases that no store of EDIT_STORES holds yet (in the given order;
+    with retry_errors=True, also those held as error rows only)."""
     from .experiments import single_edit_sweep
 
     rows = edit_rows(results_dir)
+    if sweep.get("retry_errors") and not rows.empty:
+        rows = rows[rows.error.isna()]
     exp, name = sweep.get("experiment", "single_edit"), get_editor(editor_name, **sweep.get("editor_kwargs", {})
                                                                    or {}).name
     done = set() if rows.empty else set(rows[(rows.experiment == exp) & (rows.model == lm.spec.name)
@@ -647,22 +662,21 @@ def main(argv: list[str] | None = None) -> None:
     """python -m editcollapse.guard: the screen, the labelled sweep, the guard's evaluation, the confirmation
     edits and the HardCF of a model."""
     import argparse
-    import json
     import time
 
     from . import data
     from .experiments import first_token_cases, results_store
     from .models import load_model
-    from .paths import in_repo
     from .perplexity import me_ppl
 
     ap = argparse.ArgumentParser(prog="python -m editcollapse.guard", description=main.__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", default="results")
+    ap.add_argument("--results", type=cli_path, default=in_repo("results"), help="(default: the repository's results/)")
     ap.add_argument("--edits", default="single_edit", choices=EDIT_STORES,
                     help="the store new edits go to (edits in any of them are reused)")
-    ap.add_argument("--out", default="data/hardcf", help="where the HardCF JSON and summary go ('' : nowhere)")
+    ap.add_argument("--out", type=cli_path, default=None, help="where the HardCF JSON and summary go (default <results>/hardcf; "
+                    "the shipped data/hardcf only when named; '' : nowhere)")
     ap.add_argument("--n-labelled", type=int, default=40, help="random CounterFact cases edited for calibration")
     ap.add_argument("--n-first", type=int, default=None, help="first-token cases edited for calibration (all)")
     ap.add_argument("--n-low", type=int, default=0,
@@ -682,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--screen-contexts", type=int, default=None, help="contexts behind k̄ in the screen (all)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = f"{args.results}/hardcf"
 
     t0 = time.time()
     lm = load_model(args.model, device=args.device)
@@ -768,9 +784,8 @@ def main(argv: list[str] | None = None) -> None:
     summary["seconds"] = time.time() - t0
     print("[guard] " + json.dumps(summary, default=float), flush=True)
     if args.out:
-        path = in_repo(f"{args.out}/{lm.spec.name}{suffix}.summary.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1, default=float))
+        atomic_write_text(in_repo(f"{args.out}/{lm.spec.name}{suffix}.summary.json"),
+                          json.dumps(summary, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ The paper's three steps, here for any local model:
    (the prompt with the subject replaced by '{}') and the target's token count.
 2. Candidate generation behind one interface, `Generator.generate(n_calls) -> [Generation]` (raw text):
    - `EndpointGenerator`: any OpenAI-compatible chat-completions URL (HARDEDIT_ENDPOINT, HARDEDIT_MODEL,
-     HARDEDIT_API_KEY), the paper's prompt filled with subjects and HardCF examples;
+     HARDEDIT_API_KEY), the paper's prompt filled with subjects and HardCF examples; each call within its
+     timeout in all, 429 and 5xx answers retried a bounded number of times;
    - `LocalGenerator`: a local instruction model through its chat template (SmolLM2 is one);
    - `OfflineGenerator`: recombines CounterFact relations with single-token subjects, seeded.
-   `validate` parses and checks every generation; whatever fails is counted and dropped with its reason.
+   The chat generators append each answer to a ResultStore as it arrives (`generations_store`), so a
+   stopped run resumes. `validate` parses and checks every generation; whatever fails is counted and
+   dropped with its reason.
 3. `filter_candidates`: one ROME edit per candidate (ranked by the guard's score first, where the guard
    exists), ME-PPL perplexity, kept when `perplexity.is_collapsed`; rows go to a ResultStore (resumable).
 
@@ -19,14 +22,19 @@ generation prompt, settings and model. CLI: ``python -m editcollapse.hardedit --
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -35,13 +43,16 @@ from . import data, perplexity
 from .editors import EditError, EditRequest
 from .experiments import results_store, single_edit_sweep, subject_is_first_token
 from .models import LoadedModel
-from .paths import in_repo
+from .paths import atomic_write_text, cli_path, in_repo
+from .request import same_answer
+from .store import ResultStore
 from .tokens import target_ids
 
 FIELDS = ("prompt", "subject", "target_new", "ground_truth")
 CF_FIELDS = ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt",
              "locality_ground_truth")
 CASE_ID_BASE = 10**8  # generated case ids start here, above CounterFact's 0..21918
+GEN_KEY = ("generator", "call", "request_id")  # the key of a generations store
 
 # The generation prompt of the paper (slides, "Dataset Construction"); {subjects}, {examples} and {excluded}
 # are filled per call.
@@ -182,14 +193,21 @@ def preferred(table: pd.DataFrame, feature: str) -> list[str]:
 # ---------------------------------------------------------------- 2. generation
 @dataclass
 class Generation:
-    """One answer of a generator: its raw text (None when the call failed, then `error` says why)."""
+    """One answer of a generator: its message content as given (text, or whatever the server sent: `validate`
+    judges it), None when the call failed (then `error` says why), and the endpoint's whole JSON answer."""
 
     generator: str
     prompt: str | None
-    text: str | None
+    text: object  # a str, the content-parts list, or whatever else the server sent
     finish_reason: str | None = None
     error: str | None = None
     settings: dict = field(default_factory=dict)
+    response: dict | None = None
+
+
+def generations_store(results_dir: str | Path, model: str) -> ResultStore:
+    """`<results_dir>/hardedit_generations_<model>.jsonl`: the chat generators' answers, keyed GEN_KEY."""
+    return ResultStore(in_repo(results_dir) / f"hardedit_generations_{model}.jsonl", key=GEN_KEY)
 
 
 def paper_prompt(subjects: list[str], examples: list[dict], excluded: list[str] = (), n: int = 10) -> str:
@@ -202,7 +220,8 @@ def paper_prompt(subjects: list[str], examples: list[dict], excluded: list[str] 
 
 class PromptGenerator:
     """Base of the generators that ask a chat model with the paper's prompt: per call, a seeded draw of
-    `n_subjects` subjects and `n_examples` HardCF examples (the seed example when there is no HardCF)."""
+    `n_subjects` subjects and `n_examples` HardCF examples (the seed example when there is no HardCF), and of
+    the call's sampling seed."""
 
     name = "prompt"
 
@@ -217,35 +236,74 @@ class PromptGenerator:
         examples = self.rng.sample(self.examples, min(self.n_examples, len(self.examples)))
         return paper_prompt(subjects, examples, excluded=self.used[-50:])
 
-    def generate(self, n_calls: int) -> list[Generation]:
+    @property
+    def settings(self) -> dict:
+        """What, besides the prompt and seed, decides an answer (part of a stored call's request_id)."""
+        return {}
+
+    def generate(self, n_calls: int, store: ResultStore | None = None) -> list[Generation]:
+        """`n_calls` answers, one per prompt. With `store` (key GEN_KEY, e.g. `generations_store`) each answer is
+        appended as it arrives and a call found there (same index, settings, prompt and seed) is not made again,
+        so a stopped run resumes; failed calls are not stored, so a rerun retries them."""
         from tqdm.auto import tqdm
 
+        stored = {}
+        if store is not None and len(rows := store.read()):
+            stored = {(r["generator"], int(r["call"]), r["request_id"]): r for r in rows.to_dict("records")}
         out = []
-        for _ in tqdm(range(n_calls), desc=f"{self.name} generation"):
-            g = self.ask(self.next_prompt())
-            out.append(g)
-            self.used += [s["subject"] for s in _samples(g.text) if isinstance(s, dict) and "subject" in s]
+        with store.writing() if store is not None else contextlib.nullcontext():
+            for call in tqdm(range(n_calls), desc=f"{self.name} generation"):
+                prompt, seed = self.next_prompt(), self.rng.randrange(2**31)
+                request_id = hashlib.sha256(json.dumps([self.settings, prompt, seed], sort_keys=True).encode()
+                                            ).hexdigest()[:16]
+                row = stored.get((self.name, call, request_id))
+                if row is not None:
+                    finish = row["finish_reason"]
+                    g = Generation(self.name, prompt, row["text"], finish if isinstance(finish, str) else None,
+                                   settings=row["settings"], response=row["response"])
+                else:
+                    g = self.ask(prompt, seed)
+                    if store is not None and g.error is None:
+                        store.append(dict(asdict(g), call=call, request_id=request_id))
+                out.append(g)
+                self.used += [s["subject"] for s in _samples(g.text)
+                              if isinstance(s, dict) and isinstance(s.get("subject"), str)]
         return out
 
-    def ask(self, prompt: str) -> Generation:
+    def ask(self, prompt: str, seed: int) -> Generation:
+        """One answer to `prompt`; `seed`: the call's sampling seed (a local model's; a server samples on its own)."""
         raise NotImplementedError
 
 
 class EndpointGenerator(PromptGenerator):
     """An OpenAI-compatible chat-completions endpoint (POST {url}/chat/completions, or `url` itself when it ends
-    in /chat/completions), through httpx, with a timeout. HTTP errors and timeouts become failed Generations."""
+    in /chat/completions), through httpx.
+
+    Each call ends within `timeout` seconds in all: connecting, sending, every byte of the answer, retries and
+    waits. A 429 or 5xx answer is retried up to `max_retries` times, after its Retry-After (seconds or an HTTP
+    date) or else `backoff` · 2^i seconds, either capped at `max_wait`; a wait that would pass the deadline is
+    not made. `sleep` does the waiting (tests pass a fake). Every other failure becomes a failed Generation.
+    """
 
     name = "endpoint"
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 temperature: float = 1.0, max_tokens: int = 2048, **kw):
+                 temperature: float = 1.0, max_tokens: int = 2048, max_retries: int = 3, backoff: float = 1.0,
+                 max_wait: float = 30.0, sleep=time.sleep, **kw):
         super().__init__(**kw)
         if not url or not model:
             raise ValueError("an endpoint needs a URL and a model name (HARDEDIT_ENDPOINT, HARDEDIT_MODEL)")
+        for what, v, zero_ok in (("timeout", timeout, False), ("backoff", backoff, True), ("max_wait", max_wait, True)):
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not number or v < 0 or (v == 0 and not zero_ok):
+                raise ValueError(f"{what} must be a finite number of seconds {'>= 0' if zero_ok else '> 0'}, not {v!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.model, self.api_key, self.timeout = model, api_key, float(timeout)
         self.temperature, self.max_tokens = temperature, max_tokens
+        self.max_retries, self.backoff, self.max_wait, self.sleep = max_retries, float(backoff), float(max_wait), sleep
 
     @classmethod
     def from_env(cls, **kw) -> "EndpointGenerator":
@@ -253,26 +311,70 @@ class EndpointGenerator(PromptGenerator):
         return cls(os.environ.get("HARDEDIT_ENDPOINT", ""), os.environ.get("HARDEDIT_MODEL", ""),
                    os.environ.get("HARDEDIT_API_KEY"), **kw)
 
-    def ask(self, prompt: str) -> Generation:
+    @property
+    def settings(self) -> dict:
+        return dict(url=self.url, model=self.model, temperature=self.temperature, max_tokens=self.max_tokens)
+
+    def _post(self, body: dict, seconds: float):
+        """The answer to POST `body`, all of it within `seconds` (else TimeoutError). asyncio cancels the
+        exchange at the deadline, whatever the server does; it runs in a thread of its own, so that it works
+        where an event loop runs already (Jupyter)."""
         import httpx
 
-        settings = dict(url=self.url, model=self.model, temperature=self.temperature, max_tokens=self.max_tokens)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+        async def post():
+            async with httpx.AsyncClient(timeout=seconds) as client:
+                return await asyncio.wait_for(client.post(self.url, json=body, headers=headers), seconds)
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, post()).result()
+
+    def _wait(self, response, attempt: int) -> float:
+        """Seconds to wait before retrying: Retry-After (seconds or an HTTP date), else backoff · 2^attempt;
+        at most max_wait."""
+        after = response.headers.get("Retry-After", "").strip()
+        try:
+            wait = float(after)
+        except ValueError:
+            try:
+                wait = email.utils.parsedate_to_datetime(after).timestamp() - time.time()
+            except (TypeError, ValueError):
+                wait = self.backoff * 2 ** attempt
+        return min(max(wait, 0.0) if math.isfinite(wait) else self.max_wait, self.max_wait)
+
+    def ask(self, prompt: str, seed: int | None = None) -> Generation:
+        import httpx
+
+        settings = self.settings
         body = dict(model=self.model, messages=[{"role": "user", "content": prompt}], temperature=self.temperature,
                     max_tokens=self.max_tokens)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         fail = dict(generator=self.name, prompt=prompt, text=None, settings=settings)
+        deadline = time.monotonic() + self.timeout
+        retries = 0
+        while True:
+            try:
+                r = self._post(body, deadline - time.monotonic())
+            except (TimeoutError, httpx.TimeoutException) as e:
+                return Generation(**fail, error=f"timeout after {self.timeout:g} s in all ({type(e).__name__}; "
+                                                f"{retries} retries)")
+            except httpx.HTTPError as e:
+                return Generation(**fail, error=f"http error: {type(e).__name__}: {e}")
+            if not (r.status_code == 429 or r.status_code >= 500) or retries == self.max_retries:
+                break
+            wait = self._wait(r, retries)
+            if time.monotonic() + wait >= deadline:
+                return Generation(**fail, error=f"http error {r.status_code}: a retry in {wait:g} s would pass the "
+                                                f"{self.timeout:g} s timeout ({retries} retries)")
+            self.sleep(wait)
+            retries += 1
+        if r.status_code >= 400:
+            return Generation(**fail, error=f"http error {r.status_code} ({retries} retries): {r.text[:200]}")
         try:
-            r = httpx.post(self.url, json=body, headers=headers, timeout=self.timeout)
-            r.raise_for_status()
-            choice = r.json()["choices"][0]
+            answer = r.json()
+            choice = answer["choices"][0]
             return Generation(self.name, prompt, choice["message"]["content"], choice.get("finish_reason"),
-                              settings=settings)
-        except httpx.TimeoutException as e:
-            return Generation(**fail, error=f"timeout after {self.timeout} s ({type(e).__name__})")
-        except httpx.HTTPStatusError as e:
-            return Generation(**fail, error=f"http error {e.response.status_code}: {e.response.text[:200]}")
-        except httpx.HTTPError as e:
-            return Generation(**fail, error=f"http error: {type(e).__name__}: {e}")
+                              settings=settings, response=answer)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             return Generation(**fail, error=f"http error: not a chat-completions answer ({type(e).__name__}: {e})")
 
@@ -289,14 +391,18 @@ class LocalGenerator(PromptGenerator):
             raise ValueError(f"{lm.spec.name}'s tokenizer has no chat template: it is not an instruction model")
         self.lm, self.max_new_tokens, self.temperature, self.top_p = lm, max_new_tokens, temperature, top_p
 
-    def ask(self, prompt: str) -> Generation:
+    @property
+    def settings(self) -> dict:
+        return dict(model=self.lm.spec.name, temperature=self.temperature, top_p=self.top_p,
+                    max_new_tokens=self.max_new_tokens)
+
+    def ask(self, prompt: str, seed: int) -> Generation:
         import torch
 
-        settings = dict(model=self.lm.spec.name, temperature=self.temperature, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens)
+        settings = self.settings
         enc = self.lm.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                               return_tensors="pt", return_dict=True).to(self.lm.device)
-        torch.manual_seed(self.rng.randrange(2**31))
+        torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.lm.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=True,
                                          temperature=self.temperature, top_p=self.top_p,
@@ -359,7 +465,7 @@ class OfflineGenerator:
                 if n_tokens > self.max_subject_tokens or (self.first_token and not subject_is_first_token(
                         self.lm, dict(sample, target_new="x"))):
                     continue
-                wrong = [o for o in objects if o.casefold() != sample["ground_truth"].casefold()]
+                wrong = [o for o in objects if not same_answer(o, sample["ground_truth"])]
                 if not wrong:
                     continue
                 sample["target_new"] = rng.choice(wrong)
@@ -408,7 +514,7 @@ def _json_start(text: str) -> int:
     return min(starts) if starts else -1
 
 
-def _samples(text: str | None) -> list:
+def _samples(text) -> list:
     """The list of samples in a generation's text ([] when there is none; no checks)."""
     try:
         return _parse(text)
@@ -416,9 +522,32 @@ def _samples(text: str | None) -> list:
         return []
 
 
-def _parse(text: str | None, finish_reason: str | None = None) -> list:
-    """The samples of a generation, or ValueError('reason: detail'): refusal, truncated, malformed_json."""
-    if text is None or not text.strip():
+def content_text(content) -> str:
+    """A message's content as text: a string, or the OpenAI content-parts form [{"type": "text", "text": ...}]
+    (the text parts joined). Otherwise ValueError('bad_content: ...'), or 'refusal: ...' for a refusal part."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "refusal":
+                raise ValueError(f"refusal: a refusal part: {str(part.get('refusal'))[:80]!r}")
+            else:
+                raise ValueError(f"bad_content: a content part that is not text: {part!r:.80}")
+        return "".join(texts)
+    raise ValueError(f"bad_content: the message content is a {type(content).__name__} ({content!r:.80}), not text")
+
+
+def _parse(text, finish_reason: str | None = None) -> list:
+    """The samples of a generation, or ValueError('reason: detail'): empty, bad_content, refusal, truncated,
+    malformed_json."""
+    if text is None:
+        raise ValueError("empty: the answer has no text")
+    text = content_text(text)
+    if not text.strip():
         raise ValueError("empty: the answer has no text")
     start = _json_start(text)
     if start < 0:
@@ -450,7 +579,7 @@ def check_sample(sample, seen_counterfact: set, seen: set) -> str | None:
         EditRequest(sample["prompt"].strip(), sample["subject"].strip(), sample["target_new"].strip()).template()
     except EditError as e:
         return f"subject_not_in_prompt: {e}"
-    if sample["target_new"].strip().casefold() == sample["ground_truth"].strip().casefold():
+    if same_answer(sample["target_new"], sample["ground_truth"]):
         return "same_target: target_new equals ground_truth"
     key = _norm(sample["prompt"])
     if key in seen_counterfact:
@@ -475,7 +604,8 @@ def validate(generations: list[Generation], counterfact: list[dict] | None = Non
              seen: set | None = None) -> tuple[list[dict], pd.DataFrame]:
     """(valid candidates as CounterFact cases, one row per dropped generation or sample with its `reason`).
 
-    Checks: the text holds JSON (else refusal / truncated / malformed_json), every field is a non-empty string,
+    Checks: the content is text or text parts (else bad_content), it holds JSON (else empty / refusal / truncated /
+    malformed_json), every field is a non-empty string,
     the subject is a whole word of the prompt, target_new differs from ground_truth, and the prompt is neither a
     CounterFact prompt nor another candidate's. Failed calls (HTTP error, timeout) are dropped as `error`.
     Candidates without a paraphrase or a locality prompt get the prompt as paraphrase and a seeded CounterFact
@@ -535,7 +665,7 @@ def rank(lm: LoadedModel, candidates: list[dict]) -> tuple[list[dict], str]:
         from .guard import key_features
     except ImportError:
         return list(candidates), "none"
-    feats = key_features(lm, candidates)
+    feats = key_features(lm, candidates) if candidates else pd.DataFrame(columns=["case_id", "score"])
     score = dict(zip(feats.case_id, feats.score.fillna(float("-inf"))))
     return sorted(candidates, key=lambda c: -score.get(c["case_id"], float("-inf"))), "guard"
 
@@ -551,6 +681,7 @@ def filter_candidates(lm: LoadedModel, candidates: list[dict], results_dir: str 
     experiment = f"hardedit_ppl{ppl_size}"
     single_edit_sweep(lm, "rome", ordered[:limit], store, experiment=experiment, ppl_size=ppl_size)
     rows = store.read()
+    rows = rows.reindex(columns=[*rows.columns, *(c for c in ("error", "ppl") if c not in rows)])  # an empty store
     rows = rows[(rows.experiment == experiment) & (rows.model == lm.spec.name) & (rows.editor == "rome")]
     order = {c["case_id"]: i for i, c in enumerate(ordered)}
     rows = rows[rows.case_id.isin(order)].assign(guard_rank=lambda r: r.case_id.map(order), ranker=ranker)
@@ -569,9 +700,7 @@ def write_hardedit(path, rows: pd.DataFrame, candidates: list[dict], meta: dict)
                         editor="rome", generator=c["generator"], generation_prompt=c["generation_prompt"],
                         settings=dict(meta.get("settings", {}), generation=c["generation_settings"]),
                         rephrase_is_prompt=c["rephrase_is_prompt"]))
-    path = in_repo(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, ensure_ascii=False))
+    atomic_write_text(in_repo(path), json.dumps(out, indent=1, ensure_ascii=False))
     return out
 
 
@@ -598,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m editcollapse.hardedit", description=main.__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)
-    p.add_argument("--hardcf", default=None, help="HardCF source: a HardCF JSON or single-edit JSONL "
+    p.add_argument("--hardcf", type=cli_path, default=None, help="HardCF source: a HardCF JSON or single-edit JSONL "
                    "(default: data/hardcf/<model>.json if present, else results/single_edit.jsonl)")
     p.add_argument("--offline-calls", type=int, default=20, help="offline generations of 10 samples")
     p.add_argument("--local-calls", type=int, default=0, help="generations by the local model (chat template)")
@@ -610,8 +739,9 @@ def main(argv: list[str] | None = None) -> None:
                    "(results/hardedit_candidates_<model>.json) instead of generating")
     p.add_argument("--ppl-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--out", default=None, help="dataset JSON (default data/hardedit/hardedit_<model>.json)")
+    p.add_argument("--results-dir", type=cli_path, default=in_repo("results"), help="(default: the repository's results/)")
+    p.add_argument("--out", type=cli_path, default=None, help="dataset JSON (default <results-dir>/hardedit_<model>.json; the "
+                   "shipped data/hardedit/ only when named)")
     a = p.parse_args(argv)
 
     t0 = time.time()
@@ -630,21 +760,22 @@ def main(argv: list[str] | None = None) -> None:
         subjects = single_token_subjects(lm, data.load_counterfact())
         examples = hard[list(FIELDS)].to_dict("records")
         first = "True" in preferred(table, "first_token")
+        chat = dict(subjects=subjects, examples=examples, seed=a.seed)
+        endpoint = EndpointGenerator.from_env(**chat, timeout=a.timeout) if a.endpoint_calls else None
+        store = generations_store(a.results_dir, a.model)  # the chat answers, kept as they arrive: a rerun resumes
         generations = OfflineGenerator(lm, seed=a.seed, first_token=first).generate(a.offline_calls)
         if a.local_calls:
-            generations += LocalGenerator(lm, subjects=subjects, examples=examples, seed=a.seed).generate(a.local_calls)
-        if a.endpoint_calls:
-            generations += EndpointGenerator.from_env(subjects=subjects, examples=examples, seed=a.seed,
-                                                      timeout=a.timeout).generate(a.endpoint_calls)
+            generations += LocalGenerator(lm, **chat).generate(a.local_calls, store)
+        if endpoint is not None:
+            generations += endpoint.generate(a.endpoint_calls, store)
         candidates, dropped = validate(generations, seed=a.seed)
         print(yield_table(generations, candidates, dropped).to_string(index=False))
-        cand_path.parent.mkdir(parents=True, exist_ok=True)
-        cand_path.write_text(json.dumps(candidates, indent=1, ensure_ascii=False))
+        atomic_write_text(cand_path, json.dumps(candidates, indent=1, ensure_ascii=False))
     rows = filter_candidates(lm, candidates, a.results_dir, a.ppl_size, a.limit)
     meta = dict(model=a.model, settings=dict(editor="rome", ppl_size=a.ppl_size, seed=a.seed,
                                              threshold=perplexity.COLLAPSE_THRESHOLD, ranker=rows.ranker.iloc[0]
                                              if len(rows) else "none"))
-    out = write_hardedit(a.out or f"data/hardedit/hardedit_{a.model}.json", rows, candidates, meta)
+    out = write_hardedit(a.out or f"{a.results_dir}/hardedit_{a.model}.json", rows, candidates, meta)
     by = rows.assign(generator=rows.case_id.map({c["case_id"]: c["generator"] for c in candidates}))
     print(by.groupby("generator").agg(edited=("kept", "size"), collapsed=("kept", "sum")).to_string())
     print(f"{len(candidates)} candidates, {len(rows)} edited, {len(out)} collapse cases kept "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,12 @@ def in_repo(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def cli_path(path: str) -> Path | str:
+    """A path given on a command line (argparse `type=`): relative to the current directory, as every
+    command line reads it, made absolute so that `in_repo` keeps it. '' stays '' (a CLI's "nowhere")."""
+    return Path(path).expanduser().resolve() if path else path
+
+
 def results_dir() -> Path:
     d = Path(os.environ.get("EDITCOLLAPSE_RESULTS", REPO_ROOT / "results"))
     d.mkdir(parents=True, exist_ok=True)
@@ -36,3 +43,27 @@ def figures_dir() -> Path:
     d = Path(os.environ.get("EDITCOLLAPSE_FIGURES", REPO_ROOT / "figures"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` whole or not at all: a temporary file in the same folder, fsynced,
+    then os.replace. Readers see the old file or the new one, never a part; the folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open(path, "w")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path

@@ -127,3 +127,26 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="share the key"):
         ray_sweep(SingleEdit("rome"), "tiny-llama", cases() + cases(1), store)
     assert not store.path.exists()
+
+
+def test_a_failure_while_measuring_gives_no_row_so_the_next_sweep_retries_it(tiny_models, monkeypatch):
+    """A Ray worker's chunk leaves out a case whose measurement failed (experiments.FailedEdit), instead of
+    storing it as an error row that no rerun would retry; a refused case is still a row."""
+    from editcollapse import perplexity
+
+    lm = tiny_models("tiny-gpt2")
+    job = SingleEdit("rome", editor_kwargs=FAST)
+    job.setup(lm)
+    real, calls = perplexity.me_ppl, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(perplexity, "me_ppl", flaky)
+    items = cases(2) + [dict(cases(1)[0], case_id=-1, subject="Nowhere in the prompt")]
+    rows = job.rows(lm, items)
+    assert [r["case_id"] for r in rows] == [items[1]["case_id"], -1]
+    assert rows[0]["error"] is None and rows[1]["error"].startswith("EditError")

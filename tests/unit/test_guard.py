@@ -1,4 +1,5 @@
 """The collapse guard on tiny random models: features equal the editor's, refusals leave the model untouched."""
+import json
 import math
 import warnings
 
@@ -16,6 +17,7 @@ from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
+ALWAYS, NEVER = -1e9, 1e9  # thresholds below and above any finite score
 REQS = [
     EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk", case_id=1),
     EditRequest("The capital of France is", "France", "Rome", "Paris", case_id=2),
@@ -105,11 +107,11 @@ def test_score_is_monotone_in_the_denominator(tiny_models):
 def test_guard_refuses_without_touching_the_model(tiny_models, arch):
     lm = tiny_models(arch)
     before = snapshot(lm)
-    guarded = guard.Guarded(ROME(hparams=FAST), "refuse", threshold=-np.inf)  # every request is risky
+    guarded = guard.Guarded(ROME(hparams=FAST), "refuse", threshold=ALWAYS)  # every request is risky
     with pytest.raises(EditError, match="refused, the model is unchanged"):
         guarded.apply(lm, REQS[0])
     assert identical(lm, before) and not live_edits(lm)
-    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "refuse", threshold=np.inf)) as result:
+    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "refuse", threshold=NEVER)) as result:
         assert result.diagnostics["guard_action"] == "edit" and not result.diagnostics["guard_flagged"]
         assert not identical(lm, before)
     assert identical(lm, before)
@@ -125,9 +127,9 @@ def test_guard_warns_or_switches(tiny_models):
     """warn: the ROME edit with a CollapseWarning; switch: the C-ROME edit instead (same weights as C-ROME)."""
     lm = tiny_models("tiny-llama")
     with pytest.warns(guard.CollapseWarning, match="likely to collapse"):
-        with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "warn", threshold=-np.inf)) as result:
+        with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "warn", threshold=ALWAYS)) as result:
             assert result.diagnostics["guard_action"] == "warned" and result.diagnostics["guard_editor"] == "rome"
-    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=-np.inf)) as result:
+    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=ALWAYS)) as result:
         switched = {k: v.clone() for k, v in lm.model.state_dict().items()}
         assert result.diagnostics["guard_editor"] == "c-rome" and result.diagnostics["guard_action"] == "switched"
     with edited(lm, REQS[0], ROME(consistent=True, hparams=FAST)):
@@ -140,7 +142,7 @@ def test_prefix_switch_for_memit(tiny_models):
     lm = tiny_models("tiny-gpt2")
     memit = MEMIT(hparams=dict(v_num_grad_steps=2))
     before = snapshot(lm)
-    with edited(lm, REQS[0], guard.Guarded(memit, "switch", threshold=-np.inf)) as result:
+    with edited(lm, REQS[0], guard.Guarded(memit, "switch", threshold=ALWAYS)) as result:
         site = guard.key_site(lm, memit)
         assert result.test_prefix in site.contexts[1:]
         assert result.diagnostics["guard_prompts"] == [result.test_prefix.replace("{}", REQS[0].prompt)]
@@ -198,3 +200,54 @@ def test_sweep_missing_reuses_edits_of_every_store(tiny_models, tmp_path):
     assert len(results_store(tmp_path, "guard_confirm").read()) == 1
     assert guard.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_eval"), results_dir=tmp_path,
                                **sweep) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), np.nan, np.float32("nan"), np.inf, -np.inf, "0.5", True, [0.5],
+                                 torch.tensor(0.5)])
+def test_a_threshold_must_be_a_finite_number(bad):
+    """A NaN threshold flagged nothing (score > NaN is False): the guard was off. It is refused, as is any
+    threshold that is not a finite number."""
+    with pytest.raises(EditError, match="threshold must be a finite number"):
+        guard.Guarded(ROME(), "refuse", threshold=bad)
+
+
+def test_finite_thresholds_are_kept_as_floats():
+    for given, kept in ((np.float32(0.5), 0.5), (np.int64(2), 2.0), (-3, -3.0)):
+        t = guard.Guarded(ROME(), threshold=given).threshold
+        assert type(t) is float and t == kept
+    assert guard.Guarded(ROME()).threshold is None  # the model's calibrated threshold
+
+
+def test_a_guarded_editor_is_not_guarded_twice():
+    with pytest.raises(EditError, match="rome\\+guard-refuse is guarded already: wrap the bare editor once"):
+        guard.Guarded(guard.Guarded(ROME()), "warn")
+
+
+def test_a_score_that_is_not_a_number_is_flagged(tiny_models, monkeypatch):
+    """Keys that give no score (NaN) are no evidence of safety: the request is refused, the model untouched."""
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    monkeypatch.setattr(guard, "key_features", lambda lm, requests, **kw: pd.DataFrame(
+        dict(case_id=[r.case_id for r in requests], error=None, denominator_raw=np.nan, score=np.nan)))
+    with pytest.raises(EditError, match=r"score NaN \(no score\) against threshold 0.00\); refused, the model is "
+                                        "unchanged"):
+        guard.Guarded(ROME(hparams=FAST), "refuse", threshold=0.0).apply(lm, REQS[0])
+    assert identical(lm, before) and not live_edits(lm)
+
+
+def test_cli_writes_under_results_by_default(tiny_models, tmp_path, monkeypatch):
+    """`python -m editcollapse.guard` writes its summary under --results, never into the shipped data/hardcf."""
+    from pathlib import Path
+
+    from editcollapse import data, paths
+
+    cf = data.load_counterfact(n=3, seed=0)
+    monkeypatch.setattr(data, "load_counterfact", lambda n=None, seed=0: cf[:n] if n else list(cf))
+    repo = lambda p: Path(p) if Path(p).is_absolute() else tmp_path / "repo" / p  # noqa: E731
+    monkeypatch.setattr(paths, "in_repo", repo)
+    monkeypatch.setattr(guard, "in_repo", repo, raising=False)
+    guard.main(["--model", "tiny-llama", "--results", str(tmp_path / "results"), "--no-screen", "--n-first", "0",
+                "--n-labelled", "1"])
+    assert not (tmp_path / "repo").exists()
+    summary = json.loads((tmp_path / "results" / "hardcf" / "tiny-llama.summary.json").read_text())
+    assert summary["model"] == "tiny-llama"

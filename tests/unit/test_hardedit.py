@@ -3,6 +3,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ ANSWERS = {  # path -> (status, message content, finish_reason, delay in s)
     "/refusal": (200, "I'm sorry, but I can't help with generating false facts.", "stop", 0),
     "/error": (500, "internal error", None, 0),
     "/slow": (200, json.dumps(GOOD), "stop", 3.0),
+    "/int": (200, 7, "stop", 0),
 }
 
 
@@ -63,7 +65,7 @@ def server():
 
 def endpoint(url, **kw):
     return he.EndpointGenerator(url, "test-model", api_key="k123", subjects=["Thunder", "Mango", "Paris"],
-                                examples=[dict(GOOD[0], case_id=1)], **kw)
+                                examples=[dict(GOOD[0], case_id=1)], sleep=lambda s: None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,59 @@ def test_collapse_cases_and_pattern_from_rows(tiny_models):
     rel = he.template_of(cf[0])
     n = sum(he.template_of(c) == rel for c in cf[::2])
     assert table[(table.feature == "relation") & (table.value == rel)].rate_collapse.item() == pytest.approx(n / 20)
+
+
+def test_generations_are_stored_as_they_arrive_and_a_rerun_resumes(server, tmp_path):
+    """Each answer is appended to the store; a rerun with the same seed asks only for the calls not stored.
+    Failed calls are not stored: a rerun asks again."""
+    store = he.generations_store(tmp_path, "m")
+    ChatServer.seen.clear()
+    first = endpoint(server + "/good").generate(3, store)
+    assert len(ChatServer.seen) == 3 and len(store.read()) == 3
+    rows = store.read().sort_values("call")
+    assert list(rows.call) == [0, 1, 2] and rows.response.iloc[0]["choices"][0]["message"]["content"] == first[0].text
+    again = endpoint(server + "/good").generate(4, he.generations_store(tmp_path, "m"))
+    assert len(ChatServer.seen) == 4  # one new call, the fourth
+    assert [(g.prompt, g.text, g.finish_reason) for g in again[:3]] == [(g.prompt, g.text, g.finish_reason)
+                                                                       for g in first]
+    assert ChatServer.seen[-1]["body"]["messages"][0]["content"] == again[3].prompt
+    other = endpoint(server + "/good", seed=1).generate(1, store)  # other prompts: asked, not taken from the store
+    assert len(ChatServer.seen) == 5 and other[0].prompt != first[0].prompt
+    failed = he.generations_store(tmp_path, "failed")
+    assert endpoint(server + "/error").generate(1, failed)[0].error and failed.read().empty
+    endpoint(server + "/error").generate(1, failed)
+    assert len(ChatServer.seen) == 5 + 2 * 4  # each run asked again (4 attempts: 3 retries)
+
+
+@pytest.fixture
+def small_counterfact(monkeypatch):
+    """CounterFact cut to 300 cases wherever the pipeline loads it (the CLI reads the whole of it)."""
+    cf = data.load_counterfact(n=300)
+    monkeypatch.setattr(data, "load_counterfact", lambda n=None, seed=0: cf[:n] if n else list(cf))
+    return cf
+
+
+def test_cli_writes_under_results_and_survives_bad_answers(server, small_counterfact, tmp_path, monkeypatch):
+    """Default --out is under --results-dir, never data/; answers whose content is not text are rejections;
+    --limit 0 on an empty store writes an empty dataset; the chat answers and candidates are saved."""
+    monkeypatch.setattr(he, "in_repo", lambda p: Path(p) if Path(p).is_absolute() else tmp_path / "repo" / p)
+    hardcf = tmp_path / "hardcf.json"
+    hardcf.write_text(json.dumps(small_counterfact[:4]))
+    monkeypatch.setenv("HARDEDIT_ENDPOINT", server + "/int")
+    monkeypatch.setenv("HARDEDIT_MODEL", "test-model")
+    results = tmp_path / "results"
+    monkeypatch.chdir(tmp_path)  # relative command-line paths are read from the current directory
+    he.main(["--model", "tiny-llama", "--hardcf", "hardcf.json", "--offline-calls", "1", "--endpoint-calls", "2",
+             "--limit", "0", "--results-dir", "results", "--timeout", "5"])
+    assert not (tmp_path / "repo").exists()  # nothing under the repository, data/ least of all
+    assert json.loads((results / "hardedit_tiny-llama.json").read_text()) == []
+    assert isinstance(json.loads((results / "hardedit_candidates_tiny-llama.json").read_text()), list)
+    stored = he.generations_store(results, "tiny-llama").read()
+    assert len(stored) == 2 and list(stored.text) == [7, 7]
+    candidates = [dict(c, generator="offline", generation_prompt="p", generation_settings={}, rephrase_is_prompt=True)
+                  for c in small_counterfact[:2]]
+    (results / "hardedit_candidates_tiny-llama.json").write_text(json.dumps(candidates))
+    he.main(["--model", "tiny-llama", "--hardcf", str(hardcf), "--reuse-candidates", "--limit", "0",
+             "--results-dir", str(results)])  # no row measured yet: an empty dataset
+    assert json.loads((results / "hardedit_tiny-llama.json").read_text()) == []
+    assert not (tmp_path / "repo").exists()

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -49,7 +50,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import EditError
 from ..models import LoadedModel
 from ..nethook import Trace, get_module
-from ..paths import cache_dir
+from ..paths import atomic_write_text, cache_dir
 from .base import Editor, EditRequest, check_overrides, hparams_for, param_delta
 from .ft import TargetBatch, scored_nll, target_batch, target_nll
 from .vstar import _Cached, _logits, _standing_in, check_float, check_int
@@ -338,13 +339,14 @@ class MENDCheckpoint:
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save({"state": self.net.state_dict(), "meta": self.meta}, tmp / "mend.pt")
-        (tmp / "meta.json").write_text(json.dumps(self.meta, indent=1))
-        (tmp / "curve.json").write_text(json.dumps(self.curve))
+        atomic_write_text(tmp / "meta.json", json.dumps(self.meta, indent=1))
+        atomic_write_text(tmp / "curve.json", json.dumps(self.curve))
+        old = folder.with_name(f"{folder.name}.old{os.getpid()}")
         if folder.exists():
-            for f in folder.iterdir():
-                f.unlink()
-            folder.rmdir()
+            folder.replace(old)  # the old checkpoint stays whole until the new one is in place
         tmp.replace(folder)
+        if old.exists():
+            shutil.rmtree(old)
         return folder
 
     @classmethod
@@ -653,7 +655,7 @@ def main(argv=None) -> None:
         editor = MEND(checkpoint=args.checkpoint)
         res = evaluate(lm, editor, held_out_cases(args.cases, args.dataset))
         folder = Path(args.checkpoint) if args.checkpoint else checkpoint_dir(args.model)
-        (folder / f"eval_{args.dataset}.json").write_text(json.dumps(res, indent=1))
+        atomic_write_text(folder / f"eval_{args.dataset}.json", json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
 
 
