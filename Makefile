@@ -12,12 +12,13 @@ TORCH_PIP_ARGS ?=
 MODEL ?= smollm2-135m
 STEPS ?=
 BENCH_ARGS ?=
+RECOMPUTE ?=
 
 # The values of these variables are data, never shell or make code: no recipe expands them. Each reaches its
 # command through the environment variable EDITCOLLAPSE_<NAME>, set to its text as given ($(value ...): a
 # `$(...)` in it stays as written), and `unexport` keeps make from exporting, hence expanding, the variable
 # itself. Recipes quote them ("$$EDITCOLLAPSE_SET": one argument) or split them with $(SPLIT).
-USER_VARS := PROFILE ONLY SET PYTEST_ARGS TORCH_PIP_ARGS MODEL STEPS BENCH_ARGS
+USER_VARS := PROFILE ONLY SET PYTEST_ARGS TORCH_PIP_ARGS MODEL STEPS BENCH_ARGS RECOMPUTE
 unexport $(USER_VARS)
 export EDITCOLLAPSE_PROFILE := $(value PROFILE)
 export EDITCOLLAPSE_ONLY := $(value ONLY)
@@ -66,7 +67,8 @@ help:
 	@echo "make setup        install pinned dependencies into $(ENV_DIR)"
 	@echo "make test         setup, then the whole test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make test-unit    setup, then tests/unit only"
-	@echo "make reproduce    setup, then run notebooks/0*.ipynb headless: PROFILE=quick|paper ONLY='01, 02' SET='key=value ...'"
+	@echo "make reproduce    setup, then run notebooks/0*.ipynb headless: PROFILE=quick|local|paper ONLY='01, 02' SET='key=value ...' RECOMPUTE=1"
+	@echo "make ship         the rows of results/<PROFILE>/ into data/results/<PROFILE>/ with their card"
 	@echo "make lab          JupyterLab from $(ENV_DIR)"
 	@echo "make bench        one table of costs: perplexity, C, every editor, guard, sweeps on Ray (MODEL=, BENCH_ARGS=)"
 	@echo "make strip        remove outputs from notebooks/*.ipynb (do it before committing)"
@@ -96,9 +98,15 @@ test-unit: setup
 	$(SPLIT) PYTEST_ARGS $(PY) -m pytest tests/unit
 
 # PROFILE, ONLY and SET reach the runner each as one argument, so that a value with spaces or quotes
-# (SET="editors=[rome, c-rome]", ONLY="01, 02") arrives as written; the runner checks them.
+# (SET="editors=[rome, c-rome]", ONLY="01, 02") arrives as written; the runner checks them. A profile with
+# rows shipped in data/results/<profile>/ starts from them; RECOMPUTE=1 does not.
 reproduce: setup
-	$(PY) -m editcollapse.reproduce --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(value SET),--set "$$EDITCOLLAPSE_SET")
+	$(PY) -m editcollapse.reproduce --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(value SET),--set "$$EDITCOLLAPSE_SET") $(if $(value RECOMPUTE),--recompute)
+
+# The rows of a profile's run (results/<profile>/) into data/results/<profile>/, with their card.
+.PHONY: ship
+ship: setup
+	$(PY) -m editcollapse.cli.ship --profile "$$EDITCOLLAPSE_PROFILE"
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/explorer.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -46,15 +46,20 @@ def figures_dir() -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` whole or not at all: a temporary file in the same folder, fsynced,
-    then os.replace. Readers see the old file or the new one, never a part; the folder is created."""
+    """Write `text` (UTF-8) to `path` whole or not at all (`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all: a temporary file in the same folder, fsynced, then
+    os.replace. Readers see the old file or the new one, never a part; the folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open(path, "w")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -22,18 +22,22 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import json
 import math
+import os
 import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import patch
 
 import nbformat
 import papermill
 import yaml
 
-from .paths import REPO_ROOT, atomic_write_text
+from . import shipped
+from .paths import REPO_ROOT, atomic_write_text, in_repo
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNEL = "python3"
@@ -219,6 +223,10 @@ def _flag_or_null(value):
     return None if value is None or isinstance(value, bool) else "must be true, false or null"
 
 
+def _flag(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
 def _number_above(low: float) -> Check:
     def check(value):
         return None if _is_number(value) and value > low else f"must be a number > {low:g}"
@@ -264,6 +272,8 @@ def parameter_schema() -> dict[str, Check]:
     return dict(
         model=model, device=_device, seed=_int_from(0), results_dir=_text("a folder"),
         n_cases=_int_from(1), n_ppl=ppl, n_edits=_int_from(1), n_downstream=_items_per_task(TASKS),
+        n_ppl_checkpoint=_one_of(sizes, "an ME-PPL size", null="no checkpoints"), n_checkpoints=_int_from(2),
+        downstream_at_start=_flag,
         editors=_names(editors, "editor", empty=False), random_editors=_names(editors, "editor"),
         n_counterfact=_int_from(0, null="all"), n_zsre=_int_from(0, null="all"), n_first_token=_int_from(0),
         n_screen=_int_from(0), n_random=_int_from(1), downstream_tasks=_names(TASKS, "downstream task"),
@@ -444,15 +454,36 @@ def prepare(profile_name: str, only: list[str] | None = None, overrides: dict | 
 
 
 def run(profile_name: str, only: list[str] | None = None, overrides: dict | None = None,
-        notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None) -> list[tuple[str, float]]:
+        notebooks_dir: Path = NOTEBOOKS_DIR, executed_dir: Path | None = None,
+        recompute: bool = False) -> list[tuple[str, float]]:
     """Execute the selected notebooks in order; returns [(notebook stem, wall seconds)].
-    Everything is checked before the first notebook starts (`prepare`, `check_machine`). Stops at the first
-    failure with a NotebookError naming the notebook."""
+    Everything is checked before the first notebook starts (`prepare`, `check_machine`). Then, unless
+    `recompute`, the rows shipped for the profile (`shipped.seed`) go into its results folders, so the
+    notebooks compute only what they lack. Each notebook's wall time goes to its results folder's
+    `shipped.SECONDS_FILE`. Figures go to figures/ for the quick profile, to figures/<profile>/ for another
+    (unless EDITCOLLAPSE_FIGURES says). Stops at the first failure with a NotebookError naming the notebook."""
     notebooks, params = prepare(profile_name, only, overrides, notebooks_dir)
     check_machine(params)
+    results_dirs = sorted({p["results_dir"] for p in params.values() if "results_dir" in p})
+    if not recompute:
+        for folder in results_dirs:
+            added = shipped.seed(profile_name, folder)
+            if added:
+                print(f"shipped rows of profile {profile_name} put in {folder}: {added}", flush=True)
     out_dir = executed_dir or notebooks_dir / "executed" / profile_name
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = train_missing_mend(params, profile_name)
+    # the quick tour's figures are figures/*.png; another profile's go to a folder of its own (for the kernels)
+    figures = {} if profile_name == "quick" or "EDITCOLLAPSE_FIGURES" in os.environ else \
+        {"EDITCOLLAPSE_FIGURES": str(REPO_ROOT / "figures" / profile_name)}
+    with patch.dict(os.environ, figures):
+        _execute(notebooks, params, out_dir, notebooks_dir, timings)
+    return timings
+
+
+def _execute(notebooks: list[Path], params: dict[str, dict], out_dir: Path, notebooks_dir: Path,
+             timings: list[tuple[str, float]]) -> None:
+    """Run each notebook with papermill into `out_dir`, appending (stem, seconds) to `timings`."""
     for i, path in enumerate(notebooks, 1):
         out = out_dir / path.name
         print(f"[{i}/{len(notebooks)}] {path.stem} {params[path.stem]}", flush=True)
@@ -471,8 +502,15 @@ def run(profile_name: str, only: list[str] | None = None, overrides: dict | None
         finally:
             _strip_file(out)
         timings.append((path.stem, time.perf_counter() - start))
+        if "results_dir" in params[path.stem]:
+            _record_seconds(in_repo(params[path.stem]["results_dir"]) / shipped.SECONDS_FILE, path.stem, timings[-1][1])
         print(f"[{i}/{len(notebooks)}] {path.stem} done in {timings[-1][1]:.1f} s -> {out}", flush=True)
-    return timings
+
+
+def _record_seconds(path: Path, stem: str, seconds: float) -> None:
+    """{notebook: wall seconds of its last run} in `path`, this notebook's entry replaced."""
+    seconds_by = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_text(path, json.dumps({**seconds_by, stem: round(seconds, 1)}, indent=1))
 
 
 def _only_arg(text: str) -> list[str]:
@@ -492,9 +530,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override parameters (YAML values), e.g. --set model=llama2-7b or "
                              "--set \"n_zsre=2 editors=[rome, c-rome]\"; repeatable")
+    parser.add_argument("--recompute", action="store_true",
+                        help="do not start from the rows shipped for the profile (data/results/<profile>/)")
     args = parser.parse_args(argv)
     try:
-        timings = run(args.profile, args.only, parse_overrides(args.overrides))
+        timings = run(args.profile, args.only, parse_overrides(args.overrides), recompute=args.recompute)
     except (NotebookError, ValueError) as err:
         sys.exit(f"reproduce: {err}")
     width = max(len(stem) for stem, _ in timings)

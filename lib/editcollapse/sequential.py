@@ -122,12 +122,17 @@ def _fingerprint(lm: LoadedModel, editor, cases: list[dict], run: str) -> str:
 def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStore, run: str,
                    experiment: str = "sequential", ppl_size: int = 50, state_dir: str | Path = "results/state",
                    downstream_steps=(), downstream_store: ResultStore | None = None, downstream_kwargs=None,
-                   threshold: float = perplexity.COLLAPSE_THRESHOLD, editor_kwargs: dict | None = None) -> int:
+                   threshold: float = perplexity.COLLAPSE_THRESHOLD, editor_kwargs: dict | None = None,
+                   checkpoint_steps=(), checkpoint_ppl_size: int = 1000) -> int:
     """Edit the model with every case in order (one `editor`, a name or an Editor), one row per step.
 
     Rows are keyed by SEQ_KEY; `run` names the case sequence (e.g. "hard", "normal"). Downstream
     scores (`downstream.evaluate_all(lm, **downstream_kwargs)`) go to `downstream_store` at the
-    steps listed in `downstream_steps`. Returns the number of rows written by this call.
+    steps listed in `downstream_steps`. At `checkpoint_steps` the row also holds the perplexity on the
+    larger ME-PPL subset `checkpoint_ppl_size` (columns ppl_<size>, ppl_<size>_median; the paper's
+    sequential setting is ME-PPL_1k at every step). A run whose rows are all stored is complete: it
+    returns at once, without its state file (so runs shipped as rows alone are reused). Returns the
+    number of rows written by this call.
     """
     for what, name in (("run", run), ("experiment", experiment)):
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -136,14 +141,16 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
     editor = get_editor(editor, **(editor_kwargs or {})) if isinstance(editor, str) else editor
     with store.writing(), (downstream_store.writing() if downstream_store is not None else nullcontext()):
         return _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps,
-                    downstream_store, downstream_kwargs, threshold)
+                    downstream_store, downstream_kwargs, threshold, dict.fromkeys(checkpoint_steps, checkpoint_ppl_size))
 
 
 def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps, downstream_store,
-         downstream_kwargs, threshold) -> int:
+         downstream_kwargs, threshold, checkpoints: dict[int, int]) -> int:
     """sequential_run's body, with the writers' locks held (released when the run ends or fails)."""
     ids = dict(experiment=experiment, run=run, model=lm.spec.name, editor=editor.name)
     done = {k[-1] for k in store.done() if k[:4] == tuple(ids.values())}
+    if done >= set(range(len(cases) + 1)):
+        return 0
     state = RunState(in_repo(state_dir) / lm.spec.name / editor.name / f"{experiment}_{run}.safetensors",
                      _fingerprint(lm, editor, cases, run))
     saved = state.load()
@@ -167,11 +174,15 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
                 if downstream_store.normalize_key([r[k] for k in downstream_store.key]) not in have:
                     downstream_store.append(r)
         ppl = perplexity.me_ppl(lm, ppl_size, progress=False)
+        if step in checkpoints:
+            size = checkpoints[step]
+            big = perplexity.me_ppl(lm, size, progress=False)
+            row = dict(row, **{f"ppl_{size}": big["mean"], f"ppl_{size}_median": big["median"]})
         tensors = {n: param_change(original[n].to(lm.device), get_parameter(lm.model, n).detach(),
                                    cond_0.get(n)) for n in original}
         cond_0.update({n: t["cond_0"] for n, t in tensors.items()})
-        store.append(dict(ids, step=step, **_case_columns(case), **row, ppl=ppl["mean"], ppl_median=ppl["median"],
-                          ppl_size=ppl_size, collapsed=bool(perplexity.is_collapsed(ppl["mean"], threshold)),
+        store.append(dict(ids, step=step, n_steps=len(cases), **_case_columns(case), **row, ppl=ppl["mean"],
+                          ppl_median=ppl["median"], ppl_size=ppl_size, collapsed=bool(perplexity.is_collapsed(ppl["mean"], threshold)),
                           tensors=tensors, **_worst(tensors)))
         written += 1
 

@@ -273,16 +273,24 @@ class ResultStore:
             self._refresh()
             return set(self._done) if include_errors else self._done - self._errors
 
-    def read(self) -> pd.DataFrame:
-        """All rows, key columns first; a duplicated key keeps its last row (the one superseding an error row)."""
+    def records(self) -> list[dict]:
+        """All rows as written (dicts), in file order; a duplicated key keeps its last row (the one
+        superseding an error row), in that row's place."""
         rows, bad = self._scan(self._bytes())
         if bad:
             self._warn_bad(bad, "skipped")
-        df = pd.DataFrame([row for _, row, _ in rows])
+        last: dict[tuple, dict] = {}
+        for _, row, k in rows:
+            last.pop(k, None)
+            last[k] = row
+        return list(last.values())
+
+    def read(self) -> pd.DataFrame:
+        """All rows (`records`) as a table, key columns first."""
+        df = pd.DataFrame(self.records())
         if df.empty:
             return pd.DataFrame(columns=list(self.key))
         rest = [c for c in df.columns if c not in self.key]
-        df = df.drop_duplicates(subset=list(self.key), keep="last")
         return df[list(self.key) + rest].reset_index(drop=True)
 
     # -- writing

@@ -86,6 +86,15 @@ def collapse_steps(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD) ->
     return rows.groupby(["editor", "run"])[list(rows.columns)].apply(one)
 
 
+def checkpoint_table(rows: pd.DataFrame, size: int = 1000) -> pd.DataFrame:
+    """Perplexity on ME-PPL_<size> at the steps where the runs measured it: one row per (editor, run), one
+    column per step (the sequential rows' ppl_<size>); empty when no row holds it."""
+    column = f"ppl_{size}"
+    if column not in rows or rows[column].isna().all():
+        return pd.DataFrame()
+    return rows.dropna(subset=[column]).pivot_table(index=["editor", "run"], columns="step", values=column)
+
+
 def downstream_table(downstream: pd.DataFrame, steps: pd.DataFrame, original: pd.DataFrame | None = None,
                      ppl_original: float | None = None) -> pd.DataFrame:
     """The paper's table: one row per (cases, editor) at its last step with downstream scores, with

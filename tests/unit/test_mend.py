@@ -146,6 +146,23 @@ def test_a_checkpoint_for_another_model_or_other_layers_is_refused(tiny_models, 
     assert identical(lm, before)
 
 
+def test_a_checkpoint_trained_on_other_weights_of_the_model_is_refused(tiny_models, trained):
+    """Keyed by what it depends on: a checkpoint records the weights it was trained on (issue 18, item 2)."""
+    lm = tiny_models("tiny-gpt2")
+    w = lm.model.get_parameter("transformer.h.1.mlp.c_fc.weight")
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(1.01)  # other weights for the same model name
+    try:
+        with pytest.raises(EditError, match="trained on other weights of tiny-gpt2"):
+            MEND(checkpoint=trained["tiny-gpt2"]).apply(lm, REQ)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    with edited(lm, REQ, MEND(checkpoint=trained["tiny-gpt2"])):
+        pass
+
+
 def test_bad_settings_are_refused():
     for bad in (dict(layers=[2, 1]), dict(layers=[]), dict(rank=0), dict(lr=-1.0), dict(c_loc="x"), dict(steps=3)):
         with pytest.raises(EditError):

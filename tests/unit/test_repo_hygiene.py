@@ -161,7 +161,9 @@ def _notebook(path: Path, params: str, body: str) -> None:
 
 def test_run_executes_in_this_interpreter_and_stops_at_the_failing_notebook(tmp_path):
     (tmp_path / "params").mkdir()
-    (tmp_path / "params" / "p.yaml").write_text(yaml.safe_dump(PROFILE))
+    results = str(tmp_path / "r")  # the runner writes each notebook's seconds there
+    (tmp_path / "params" / "p.yaml").write_text(yaml.safe_dump(dict(PROFILE, common=dict(PROFILE["common"],
+                                                                                        results_dir=results))))
     report = 'import json, os, sys\nprint(json.dumps({"n": n, "model": model, "prefix": sys.prefix, "cwd": os.getcwd()}))'
     _notebook(tmp_path / "01_a.ipynb", "n = 1\nmodel = 'd'\nseed = 9\nresults_dir = ''", report)
     _notebook(tmp_path / "02_fail.ipynb", "model = 'd'", "raise ValueError('boom')")
@@ -172,5 +174,6 @@ def test_run_executes_in_this_interpreter_and_stops_at_the_failing_notebook(tmp_
     out = json.loads(nbformat.read(executed / "01_a.ipynb", as_version=4).cells[-1].outputs[0].text)
     assert out == {"n": 7, "model": "tiny-gpt2", "prefix": sys.prefix, "cwd": str(tmp_path)}
     assert (executed / "02_fail.ipynb").exists() and not (executed / "03_after.ipynb").exists()
+    assert list(json.loads((tmp_path / "r" / "notebook_seconds.json").read_text())) == ["01_a"]
     with pytest.raises(reproduce.NotebookError, match=r"--set parameters \['n', 'typo'\]"):
         reproduce.run("p", only=["03"], overrides={"typo": 1, "n": 2}, notebooks_dir=tmp_path)

@@ -144,8 +144,8 @@ def test_a_truncated_state_file_is_refused_with_its_name(tiny_models, tmp_path):
                    editor_kwargs=dict(hparams=FAST))
     path = tmp_path / "state" / "tiny-llama" / "rome" / "sequential_t.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="sequential_t.safetensors cannot be read"):
-        sequential_run(lm, "rome", cases(1), sequential_store(tmp_path, "seq"), run="t", state_dir=tmp_path / "state",
+    with pytest.raises(ValueError, match="sequential_t.safetensors cannot be read"):  # a longer run: not complete
+        sequential_run(lm, "rome", cases(2), sequential_store(tmp_path, "seq"), run="t", state_dir=tmp_path / "state",
                        editor_kwargs=dict(hparams=FAST))
     assert not live_edits(lm)
 
@@ -157,3 +157,20 @@ def test_a_run_name_that_is_not_a_plain_name_is_refused(tiny_models, tmp_path, n
         sequential_run(tiny_models("tiny-llama"), "rome", cases(1), sequential_store(tmp_path, "seq"),
                        state_dir=tmp_path / "state", **names)
     assert not (tmp_path / "seq.jsonl").exists() and not (tmp_path / "state").exists()
+
+
+def test_checkpoints_hold_the_larger_perplexity_and_a_complete_run_needs_no_state(tiny_models, tmp_path):
+    """The checkpoint perplexity at the chosen steps only (size 50 here: the tiny models' 256 positions are
+    too few for ME-PPL_1k); a run whose rows are all stored (shipped rows, no weights) is complete: it
+    returns at once, without its state file, and writes nothing."""
+    lm = tiny_models("tiny-llama")
+    store = sequential_store(tmp_path, "seq")
+    kw = dict(run="c", state_dir=tmp_path / "state", editor_kwargs=dict(hparams=FAST))
+    sequential_run(lm, "rome", cases(2), store, checkpoint_steps=(0, 2), checkpoint_ppl_size=50, **kw)
+    rows = store.read().sort_values("step")
+    assert rows.ppl_50.notna().tolist() == [True, False, True]
+    assert rows.ppl_50[rows.step != 1].tolist() == rows.ppl[rows.step != 1].tolist()
+    for f in (tmp_path / "state").rglob("*.safetensors"):
+        f.unlink()
+    assert sequential_run(lm, "rome", cases(2), sequential_store(tmp_path, "seq"), **kw) == 0
+    assert len(sequential_store(tmp_path, "seq").read()) == 3

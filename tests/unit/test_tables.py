@@ -73,6 +73,17 @@ def test_collapse_steps_finds_the_first_step_over_the_threshold():
     assert (table.loc[("rome", "hard")].ppl_end, table.loc[("rome", "hard")].cond_ratio_end) == (7000, 4)
 
 
+def test_checkpoint_table_holds_the_larger_perplexity_where_it_was_measured():
+    from editcollapse.tables import checkpoint_table
+
+    rows = seq_rows()
+    assert checkpoint_table(rows).empty
+    rows["ppl_1000"] = [r.ppl * 2 if r.step in (0, 3) else float("nan") for r in rows.itertuples()]
+    table = checkpoint_table(rows[rows.model == "m"])
+    assert list(table.columns) == [0, 3] and table.loc[("rome", "hard"), 3] == 2 * rows.ppl[
+        (rows.editor == "rome") & (rows.run == "hard") & (rows.step == 3) & (rows.model == "m")].iloc[0]
+
+
 def test_downstream_table_takes_each_runs_last_step_and_the_original_on_top():
     from editcollapse.tables import downstream_table
 

@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import time
+import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
+from ..live import fingerprint
 from ..models import LoadedModel
 from ..nethook import Trace, get_module
 from ..paths import atomic_write_text, cache_dir
@@ -380,6 +382,11 @@ class MENDCheckpoint:
                             f"{shapes}; {how}")
 
 
+def _all_parameters(lm: LoadedModel) -> list[str]:
+    """MEND's gradient factors depend on every weight: a checkpoint is for the whole model's weights."""
+    return [name for name, _ in lm.model.named_parameters()]
+
+
 def checkpoint_dir(model: str) -> Path:
     """Where `make train-mend MODEL=model` puts the checkpoint: cache_dir()/mend/<model>/."""
     return cache_dir() / "mend" / model
@@ -460,7 +467,8 @@ def train(lm: LoadedModel, hp: MENDHyperParams, steps: int | None = None, cases:
         curve.append(dict(step=steps, **validate(lm, net, hp, val_cases)))
     train_rows = [r for r in curve if "loss" in r]
     tail = train_rows[-max(1, len(train_rows) // 10):]
-    meta = dict(model=lm.spec.name, layers=list(hp.layers), weights=modules,
+    meta = dict(model=lm.spec.name, fingerprint=fingerprint(lm, _all_parameters(lm)), layers=list(hp.layers),
+                weights=modules,
                 shapes={m: list(s) for m, s in net.shapes.items()}, hparams=asdict(hp) | dict(layers=list(hp.layers)),
                 steps=steps, data=data_note or f"{len(cases)} given cases", n_cases=len(cases),
                 final=dict(loss=_mean(tail, "loss"), l_edit=_mean(tail, "l_edit"), l_loc=_mean(tail, "l_loc")),
@@ -507,7 +515,7 @@ class MEND(Editor):
 
     def __post_init__(self):
         check_overrides(MENDHyperParams, PRESETS, self.hparams)
-        self._loaded: dict[str, MENDCheckpoint] = {}
+        self._loaded: "weakref.WeakKeyDictionary[nn.Module, MENDCheckpoint]" = weakref.WeakKeyDictionary()
 
     def hparams_for(self, lm: LoadedModel) -> MENDHyperParams:
         return hparams_for(MENDHyperParams, PRESETS, lm, self.hparams)
@@ -517,11 +525,13 @@ class MEND(Editor):
         return (case.get("dataset"), case.get("case_id")) in training_ids()
 
     def checkpoint_for(self, lm: LoadedModel) -> MENDCheckpoint:
+        """The checkpoint for this live model, loaded once per model object and checked against its unedited
+        weights once (a checkpoint that records the weights it was trained on must match them)."""
         model = lm.spec.name
-        if model not in self._loaded:
+        if lm.model not in self._loaded:
             source = self.checkpoint.get(model) if isinstance(self.checkpoint, Mapping) else self.checkpoint
             if isinstance(source, MENDCheckpoint):
-                self._loaded[model] = source
+                ckpt = source
             else:
                 folder = Path(source) if source is not None else checkpoint_dir(model)
                 if not (folder / "mend.pt").exists() and (folder / model / "mend.pt").exists():
@@ -530,8 +540,14 @@ class MEND(Editor):
                     raise EditError(f"no trained MEND checkpoint for {model} at {folder}: MEND must be trained first; "
                                     f"run `make train-mend MODEL={model}` (or `python -m editcollapse.editors.mend "
                                     f"train --model {model} --steps N`), or pass checkpoint=<folder>")
-                self._loaded[model] = MENDCheckpoint.load(folder)
-        return self._loaded[model]
+                ckpt = MENDCheckpoint.load(folder)
+            trained_on = ckpt.meta.get("fingerprint")  # (one for another model is refused by `check`, by name)
+            if trained_on is not None and ckpt.meta.get("model") == model \
+                    and trained_on != fingerprint(lm, _all_parameters(lm)):
+                raise EditError(f"this MEND checkpoint was trained on other weights of {model} (fingerprint "
+                                f"{trained_on}); train one for these with `make train-mend MODEL={model}`")
+            self._loaded[lm.model] = ckpt
+        return self._loaded[lm.model]
 
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx):
         hp = self.hparams_for(lm)

@@ -1,0 +1,1 @@
+"""Command lines, thin over library functions: `python -m editcollapse.cli.<name> --help`."""

@@ -1,0 +1,75 @@
+"""Shipped results: complete runs only, a card that counts them, and seeding that makes a rerun compute nothing."""
+import json
+
+import pytest
+import torch
+
+from editcollapse import data, paths, shipped
+from editcollapse.sequential import DOWNSTREAM_KEY, SEQ_KEY, sequential_run, sequential_store
+from editcollapse.store import ResultStore
+
+FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
+KEYS = {"seq": SEQ_KEY, "ds": DOWNSTREAM_KEY}
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "shipped_dir", lambda profile: tmp_path / "data" / "results" / profile)
+    return tmp_path / "data"
+
+
+def test_complete_runs_are_shipped_counted_and_seeded_back(tiny_models, tmp_path, data_dir):
+    lm = tiny_models("tiny-llama")
+    run = tmp_path / "run"
+    store, ds = sequential_store(run, "seq"), sequential_store(run, "ds", key=DOWNSTREAM_KEY)
+    kw = dict(state_dir=run / "state", editor_kwargs=dict(hparams=FAST), downstream_store=ds,
+              downstream_steps=(0, 2), downstream_kwargs=dict(tasks=["piqa"], n=2))
+    sequential_run(lm, "rome", data.load_counterfact(n=2, seed=3), store, run="done", **kw)
+    # a run in progress: its rows up to step 1 of 2 (as a killed run leaves them, its weights not shipped)
+    partial = [dict(r, run="busy") for r in json.loads(f"[{','.join(store.path.read_text().splitlines())}]")
+               if r["step"] <= 1]
+    with store.writing():
+        for r in partial:
+            store.append(r)
+
+    card = shipped.ship(run, "t", KEYS, command="test")
+    assert card["complete_sequential_runs"] == 1 and card["stores"]["seq"]["rows"] == 3
+    assert {c["run"] for c in card["stores"]["seq"]["counts"]} == {"done"}
+    assert card["stores"]["ds"]["rows"] == len(ds.read()) and card["machine"]["cpu"]
+    assert (data_dir / "results" / "t" / "CARD.md").read_text().startswith("# Shipped results: profile `t`")
+    assert len(shipped.load("t", "seq")) == card["stores"]["seq"]["rows"]
+
+    fresh = tmp_path / "fresh"
+    assert shipped.seed("t", fresh) == {"seq": 3, "ds": card["stores"]["ds"]["rows"]}
+    assert shipped.seed("t", fresh) == {"seq": 0, "ds": 0}  # seeding twice adds nothing
+    got = sequential_store(fresh, "seq").read().sort_values("step").reset_index(drop=True)
+    want = store.read()
+    want = want[want.run == "done"].sort_values("step").reset_index(drop=True)
+    assert got.drop(columns="tensors").equals(want.drop(columns="tensors")) and got.tensors.tolist() == want.tensors.tolist()
+    # the seeded run is complete: a rerun edits nothing and needs no state file
+    assert sequential_run(lm, "rome", data.load_counterfact(n=2, seed=3), sequential_store(fresh, "seq"), run="done",
+                          **dict(kw, state_dir=fresh / "state", downstream_store=sequential_store(fresh, "ds",
+                                                                                                key=DOWNSTREAM_KEY))) == 0
+
+
+def test_rows_holding_tensors_are_not_shipped(tmp_path, data_dir):
+    store = ResultStore(tmp_path / "run" / "x.jsonl", ("case_id",))
+    store.append(dict(case_id=1, items=[0.5, 0.25], curve=torch.ones(2, 2)))  # a tensor is stored as nested lists
+    with pytest.raises(ValueError, match="x: rows hold tensors.*curve"):
+        shipped.ship(tmp_path / "run", "t", {"x": ("case_id",)})
+
+
+def test_seeding_a_profile_with_nothing_shipped_adds_nothing(tmp_path, data_dir):
+    assert shipped.seed("nothing-here", tmp_path) == {}
+
+
+PROFILES = sorted(p.name for p in (paths.data_dir() / "results").glob("*") if (p / "card.json").exists())
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_shipped_tables_load_and_match_their_card(profile):
+    card = shipped.card(profile)
+    for name, entry in card["stores"].items():
+        rows = shipped.load(profile, name)
+        assert len(rows) == entry["rows"] == sum(c["rows"] for c in entry["counts"])
+        assert not rows.duplicated(subset=entry["key"]).any(), f"{name}: a key is shipped twice"
