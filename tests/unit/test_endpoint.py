@@ -56,39 +56,36 @@ def truncated(h):
     send(h, body=body[:50], length=len(body))  # then the connection closes
 
 
+def _send_slowly(h, data: bytes, delay, record) -> None:
+    """`data` one byte every `delay` seconds; `record` gets the bytes sent and whether the client left."""
+    for i in range(len(data)):
+        try:
+            h.wfile.write(data[i:i + 1])
+            h.wfile.flush()
+        except OSError:
+            record.update(sent=i, left=True)
+            return
+        time.sleep(delay)
+    record.update(sent=len(data), left=False)
+
+
 def trickle(delay, record):
-    """The whole answer, one byte every `delay` seconds; `record` gets the bytes sent and whether the client left."""
+    """The whole answer, its body one byte every `delay` seconds."""
     def step(h):
         body = completion(json.dumps([SAMPLE]))
         h.send_response(200)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.flush()
-        for i in range(len(body)):
-            try:
-                h.wfile.write(body[i:i + 1])
-                h.wfile.flush()
-            except OSError:
-                record.update(sent=i, left=True)
-                return
-            time.sleep(delay)
-        record.update(sent=len(body), left=False)
+        _send_slowly(h, body, delay, record)
     return step
 
 
 def trickle_headers(delay, record):
     """The status line and headers, one byte every `delay` seconds."""
     def step(h):
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n"
-        for i in range(len(head)):
-            try:
-                h.wfile.write(head[i:i + 1])
-                h.wfile.flush()
-            except OSError:
-                record.update(sent=i, left=True)
-                return
-            time.sleep(delay)
-        record.update(sent=len(head), left=False)
+        _send_slowly(h, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n",
+                     delay, record)
     return step
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -204,12 +205,26 @@ sys.stdin.read()
 """
 
 
-def test_a_second_writer_fails_at_once(tmp_path):
-    path = tmp_path / "res.jsonl"
+@contextmanager
+def holding(path):
+    """Another process that wrote row {"id": 0} to the store at `path` and holds its lock until the block ends
+    (then it exits, and its lock dies with it); yields the process."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
+        yield holder
+    except BaseException:
+        holder.kill()
+        raise
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_a_second_writer_fails_at_once(tmp_path):
+    path = tmp_path / "res.jsonl"
+    with holding(path) as holder:
         store = ResultStore(path, ("id",))  # reading needs no lock
         assert store.done() == {(0,)}
         calls = []
@@ -220,12 +235,6 @@ def test_a_second_writer_fails_at_once(tmp_path):
             store.append(dict(id=1))
         with pytest.raises(StoreLocked, match=str(holder.pid)):
             merge_shards(store)
-    except BaseException:
-        holder.kill()
-        raise
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     assert run_cases(store, range(3), lambda i: {}, lambda i: i) == 2  # the lock died with its holder
     assert path.read_text().count("\n") == 3
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from editcollapse.store import ResultStore, StoreLocked, run_cases
-from tests.unit.test_store import HOLDER
+from tests.unit.test_store import holding
 
 N_THREADS, N_KEYS = 4, 200
 
@@ -84,21 +84,12 @@ def test_a_writer_through_a_symlink_meets_the_lock(tmp_path):
     real.parent.mkdir()
     (tmp_path / "link.jsonl").symlink_to(real)
     (tmp_path / "dir_link").symlink_to(real.parent, target_is_directory=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(real)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "holding\n"
+    with holding(real) as holder:
         for other in (tmp_path / "link.jsonl", tmp_path / "dir_link" / "res.jsonl"):
             store = ResultStore(other, ("id",))
             assert store.lock_path == real.with_name("res.jsonl.lock")
             with pytest.raises(StoreLocked, match=rf"being written by another process \(pid {holder.pid} "):
                 store.append(dict(id=1))
-    except BaseException:
-        holder.kill()
-        raise
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     assert real.read_text() == '{"id": 0}\n'
 
 
