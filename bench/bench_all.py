@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import time
 
 import torch
 
-from editcollapse import data
+from editcollapse import data, machine
 from editcollapse.distributed import SingleEdit, ray_sweep
 from editcollapse.editors import EDITORS, EditRequest, get_editor
 from editcollapse.experiments import results_store, single_edit_sweep
@@ -147,8 +146,7 @@ def main():
     ap.add_argument("--sweep", type=int, default=4, help="cases of the sweep-throughput row (0: skip)")
     a = ap.parse_args()
     lm = load_model(a.model, device=a.device)
-    where = (torch.cuda.get_device_name() if lm.device.type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    where = machine.summary()
     print(f"# {a.model} on {lm.device} ({where}); load average {os.getloadavg()[0]:.1f}")
     bench_perplexity(lm)
     bench_stats(lm, a.stats_tokens)

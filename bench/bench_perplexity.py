@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from editcollapse import machine
 from editcollapse.data import load_me_ppl
 from editcollapse.models import DEFAULT_MODEL, load_model
 from editcollapse.perplexity import length_sorted_batches, sentence_perplexities
@@ -64,7 +65,7 @@ def main():
         for name, fn in (("bare forward", bare), ("perplexity", ppl)):
             best[name] = tuple(map(min, best[name], timed(fn, lm.device)))
 
-    print(f"{args.model} on {lm.device} ({torch.get_num_threads()} threads), ME-PPL_{args.size}: {len(texts)} "
+    print(f"{args.model} on {lm.device} ({machine.summary()}), ME-PPL_{args.size}: {len(texts)} "
           f"sentences, {n_tokens} tokens ({padded} with padding), batch size {args.batch_size}")
     for name, (wall, cpu) in best.items():
         print(f"  {name:13s} wall {wall:8.2f} s {n_tokens / wall:9.1f} tokens/s   CPU {cpu:8.2f} s")

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from editcollapse import keys, stats
+from editcollapse import keys, machine, stats
 from editcollapse.data import load_counterfact
 from editcollapse.models import load_model
 from editcollapse.nethook import Trace
@@ -51,7 +51,7 @@ def timing(lm, layer: int, seq_len: int, n_tokens: int, batch_tokens: int) -> No
     forward(True)  # warm-up
     full, stopped, stat = rate(lambda: forward(False), n_tokens), rate(lambda: forward(True), n_tokens), \
         rate(statistics, n_tokens)
-    print(f"\n(a) cost over {n_tokens} tokens (seq_len {seq_len}, {torch.get_num_threads()} threads, {lm.device})")
+    print(f"\n(a) cost over {n_tokens} tokens (seq_len {seq_len}, {lm.device}; {machine.summary()})")
     print(f"  full forward pass          {full:9.0f} tok/s")
     print(f"  forward stopped at {module}  {stopped:9.0f} tok/s")
     print(f"  statistics (stopped + Σkkᵀ) {stat:9.0f} tok/s")
@@ -80,9 +80,9 @@ def main():
     if "a" not in skip:
         timing(lm, args.layer, seq_len, args.time_tokens, args.batch_tokens)
 
-    keys = keys.subject_keys(lm, args.layer, load_counterfact("edit", n=args.n_keys, seed=0))
+    subject_keys = keys.subject_keys(lm, args.layer, load_counterfact("edit", n=args.n_keys, seed=0))
     if "b" not in skip:
-        df = stats.convergence(lm, args.layer, [int(s) for s in args.sizes.split(",")], keys, seq_len=seq_len,
+        df = stats.convergence(lm, args.layer, [int(s) for s in args.sizes.split(",")], subject_keys, seq_len=seq_len,
                                batch_tokens=args.batch_tokens)
         if args.csv:
             atomic_write_text(args.csv, df.to_csv(index=False))
@@ -93,7 +93,7 @@ def main():
         nested = table.cos_mean.iloc[:-1]
         c = float(((1 - nested) / (1 / nested.index - 1 / N)).median())  # 1 − cos ≈ c (1/n − 1/N) for nested sets
         table["cos_vs_limit_fit"] = 1 - c / table.index
-        print(f"\n(b) convergence, {args.model} layer {args.layer}, seq_len {seq_len}, {len(keys)} CounterFact "
+        print(f"\n(b) convergence, {args.model} layer {args.layer}, seq_len {seq_len}, {len(subject_keys)} CounterFact "
               f"subject keys; C_all = last row, 'rest' = the other N − n tokens (disjoint)")
         print(table.to_string(float_format=lambda v: f"{v:.4f}"))
         print(f"    fit 1 − cos(C_n⁻¹k, C_all⁻¹k) ≈ c (1/n − 1/N): c = {c:.0f} tokens, so against the "
@@ -107,7 +107,7 @@ def main():
             print(share.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         m = stats.second_moment(lm, args.layer, seq_len=seq_len, batch_tokens=args.batch_tokens)
         m0 = stats.second_moment(lm, args.layer, seq_len=seq_len, batch_tokens=args.batch_tokens, skip_first=True)
-        cos = F.cosine_similarity(m.inv_apply(keys), m0.inv_apply(keys), dim=-1)
+        cos = F.cosine_similarity(m.inv_apply(subject_keys), m0.inv_apply(subject_keys), dim=-1)
         frac = 1 - m0.count * m0.C.trace() / (m.count * m.C.trace())
         print(f"\n    layer {args.layer}, {m.count} tokens, seq_len {seq_len}: position 0 = "
               f"{(m.count - m0.count) / m.count:.4%} of keys, {frac:.4%} of trace(C); "

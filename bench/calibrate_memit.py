@@ -17,9 +17,8 @@ import time
 from dataclasses import fields
 
 import numpy as np
-import torch
 
-from editcollapse import data, load_model, metrics
+from editcollapse import data, load_model, machine, metrics
 from editcollapse.editors import AlphaEdit, EditRequest, MEMIT
 from editcollapse.editors.base import WeightTransaction
 from editcollapse.editors.vstar import VStarParams, compute_v_star
@@ -57,7 +56,7 @@ def main() -> None:
     refs = [metrics.locality_reference(lm, c) for c in cases]
     before = [metrics.edit_metrics(lm, c, r) for c, r in zip(cases, refs)]
     first = sum(subject_is_first_token(lm, c) for c in cases)
-    print(f"{args.model}, {len(cases)} CounterFact cases (seed {args.seed}, {first} with the subject "
+    print(f"{args.model} ({machine.summary()}), {len(cases)} CounterFact cases (seed {args.seed}, {first} with the subject "
           f"first); unedited efficacy {np.mean([b['efficacy'] for b in before]):.2f}, "
           f"P(new) {np.mean([b['p_new'] for b in before]):.4f}")
     if args.ppl:

@@ -8,7 +8,7 @@ import time
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from editcollapse import load_model
+from editcollapse import load_model, machine
 from editcollapse.editors import ROME
 from editcollapse.keys import context_templates
 from editcollapse.models import LoadedModel, default_device, get_spec, tiny_tokenizer
@@ -88,7 +88,7 @@ def load(args, templates: bool = False):
     else:
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
     line = (f"{args.model}{' (random weights)' if args.random_weights else ''} on {lm.device} "
-            f"({next(lm.model.parameters()).dtype}), {torch.get_num_threads()} threads")
+            f"({next(lm.model.parameters()).dtype}); {machine.summary()}")
     if templates:
         hp = ROME().hparams_for(lm)
         t0 = time.perf_counter()

@@ -27,7 +27,8 @@ import torch
 
 from ..errors import EditError
 from ..models import LoadedModel
-from .base import check_overrides, hparams_for, live_edits
+from ..live import live_edits
+from .base import check_overrides, hparams_for
 from ..stats import model_moments
 from .memit import MEMIT, SpreadParams, moment
 from .vstar import check_float

@@ -31,7 +31,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
-from ..live import _LIVE, live_edits, sigint_deferred  # noqa: F401 - live_edits is part of this module's API
+from ..live import _LIVE, sigint_deferred
 from ..models import LoadedModel
 from ..nethook import get_parameter
 from ..request import EditRequest

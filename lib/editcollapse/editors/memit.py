@@ -24,7 +24,6 @@ z* − z₀ that the layer realises at R[-1], and ‖ΔW_l‖; in all, `realised
 """
 from __future__ import annotations
 
-import weakref
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
