@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import machine
-from .paths import REPO_ROOT, atomic_write_bytes, atomic_write_text, data_dir, in_repo
 from .experiments import ROW_KEY
+from .paths import REPO_ROOT, atomic_write_bytes, atomic_write_text, data_dir, in_repo
 from .sequential import DOWNSTREAM_KEY, SEQ_KEY
 from .store import ResultStore
 
