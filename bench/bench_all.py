@@ -22,13 +22,13 @@ import time
 import torch
 
 from editcollapse import data, machine
-from editcollapse.distributed import SingleEdit, ray_sweep
+from editcollapse.experiments.distributed import SingleEdit, ray_sweep
 from editcollapse.editors import EDITORS, EditRequest, get_editor
-from editcollapse.experiments import results_store, single_edit_sweep
+from editcollapse.experiments.single import results_store, single_edit_sweep
 from editcollapse.guard import key_features
-from editcollapse.models import DEFAULT_MODEL, load_model
-from editcollapse.perplexity import length_sorted_batches, sentence_perplexities
-from editcollapse.stats import _batches, corpus_windows, second_moment, take_tokens
+from editcollapse.models.loading import DEFAULT_MODEL, load_model
+from editcollapse.eval.perplexity import length_sorted_batches, sentence_perplexities
+from editcollapse.models.stats import _batches, corpus_windows, second_moment, take_tokens
 
 ROWS: list[dict] = []
 

@@ -5,7 +5,7 @@
 With --old FILE, the hand-written evaluator that lm-eval replaced runs side by side on the same
 items, and each metric of both is printed (agreement and cost; docs/downstream_lmeval.md):
 
-    git show b197923:lib/editcollapse/downstream.py > /tmp/downstream_old.py
+    git show b197923:lib/editcollapse/eval/downstream.py > /tmp/downstream_old.py
     .venv/bin/python bench/bench_downstream.py --n 100 --old /tmp/downstream_old.py
 """
 import argparse
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from editcollapse import downstream as ds
-from editcollapse.models import DEFAULT_MODEL, load_model
+from editcollapse.eval import downstream as ds
+from editcollapse.models.loading import DEFAULT_MODEL, load_model
 
 
 def load_old(path: str):

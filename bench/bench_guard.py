@@ -18,7 +18,7 @@ import numpy as np
 from common import load, parser
 from editcollapse import data, guard
 from editcollapse.editors import ROME, EditRequest
-from editcollapse.perplexity import me_ppl
+from editcollapse.eval.perplexity import me_ppl
 
 
 def main() -> None:

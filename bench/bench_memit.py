@@ -43,8 +43,8 @@ from editcollapse import data
 from editcollapse.editors import AlphaEdit, EditRequest, MEMIT
 from editcollapse.editors.alphaedit import null_space
 from editcollapse.editors.memit import moment
-from editcollapse.keys import context_templates
-from editcollapse.nethook import get_parameter
+from editcollapse.models.keys import context_templates
+from editcollapse.models.nethook import get_parameter
 
 
 class Clock:

@@ -18,8 +18,8 @@ import torch
 
 from editcollapse import machine
 from editcollapse.data import load_me_ppl
-from editcollapse.models import DEFAULT_MODEL, load_model
-from editcollapse.perplexity import length_sorted_batches, sentence_perplexities
+from editcollapse.models.loading import DEFAULT_MODEL, load_model
+from editcollapse.eval.perplexity import length_sorted_batches, sentence_perplexities
 
 
 def timed(fn, device) -> tuple[float, float]:

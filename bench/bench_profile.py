@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from editcollapse import data, machine, reproduce
-from editcollapse.downstream import evaluate_all
-from editcollapse.models import load_model
-from editcollapse.perplexity import me_ppl
-from editcollapse.sequential import sequential_run, sequential_store
+from editcollapse.eval.downstream import evaluate_all
+from editcollapse.models.loading import load_model
+from editcollapse.eval.perplexity import me_ppl
+from editcollapse.experiments.sequential import sequential_run, sequential_store
 
 
 def seconds(fn) -> float:

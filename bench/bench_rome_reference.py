@@ -18,7 +18,7 @@ CUDA (`--device cuda`, the default where there is one) their code runs as it is.
 weights (bench/common.random_model), for the papers' models where their weights are not at hand:
 every edit then runs all v* steps on both sides, and only the seconds mean anything.
 
-Both sides edit the same SmolLM2 (editcollapse.models.load_model, passed to theirs as the HF model
+Both sides edit the same SmolLM2 (editcollapse.models.loading.load_model, passed to theirs as the HF model
 and tokenizer) with the same hyper-parameters (our smollm2-135m preset, written into their
 ROMEHyperParams) and the same context templates (ours, put into their template cache), one edit
 after the other: ours then theirs on each case, the order swapped on every other repeat. Each edit
@@ -44,10 +44,10 @@ import torch
 from common import load, parser, synchronize
 from editcollapse import data
 from editcollapse.editors import ROME, EditRequest
-from editcollapse.keys import context_templates, keys_and_values
-from editcollapse.models import default_device
-from editcollapse.nethook import get_parameter
-from editcollapse.tokens import subject_last_index
+from editcollapse.models.keys import context_templates, keys_and_values
+from editcollapse.models.loading import default_device
+from editcollapse.models.nethook import get_parameter
+from editcollapse.models.tokens import subject_last_index
 
 HOW_TO_GET = """The reference is the authors' code (their EasyEdit fork). Clone it outside this repository:
 

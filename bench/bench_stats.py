@@ -1,4 +1,4 @@
-"""Cost and convergence of ROME's key statistics C = E[k kᵀ] (editcollapse.stats).
+"""Cost and convergence of ROME's key statistics C = E[k kᵀ] (editcollapse.models.stats).
 
 Prints (a) tokens/s of a bare full forward pass, of the forward pass stopped at the layer, and of
 the statistics pass (stopped forward + float64 Σ k kᵀ) over the same tokens; (b) how C_n over the
@@ -16,10 +16,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from editcollapse import keys, machine, stats
+from editcollapse import machine
+
+from editcollapse.models import keys, stats
 from editcollapse.data import load_counterfact
-from editcollapse.models import load_model
-from editcollapse.nethook import Trace
+from editcollapse.models.loading import load_model
+from editcollapse.models.nethook import Trace
 from editcollapse.paths import atomic_write_text
 
 

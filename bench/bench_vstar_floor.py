@@ -30,7 +30,7 @@ from editcollapse import data
 from editcollapse.editors import ROME, EditRequest
 from editcollapse.editors.vstar import (_build_prompts, _CachedForward, _logits, _packed, _PackedLinear,
                                         _packing_available)
-from editcollapse.keys import context_templates
+from editcollapse.models.keys import context_templates
 
 
 def frozen_linear(W: torch.Tensor) -> torch.nn.Module:

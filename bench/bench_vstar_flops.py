@@ -23,7 +23,7 @@ from editcollapse import data
 from editcollapse.editors import MEMIT, ROME, EditRequest
 from editcollapse.editors import vstar
 from editcollapse.editors.vstar import _build_prompts, _CachedForward, _FullForward
-from editcollapse.keys import context_templates
+from editcollapse.models.keys import context_templates
 
 
 @contextmanager

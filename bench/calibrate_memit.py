@@ -18,12 +18,14 @@ from dataclasses import fields
 
 import numpy as np
 
-from editcollapse import data, load_model, machine, metrics
+from editcollapse import data, load_model, machine
+
+from editcollapse.eval import metrics
 from editcollapse.editors import AlphaEdit, EditRequest, MEMIT
 from editcollapse.editors.base import WeightTransaction
 from editcollapse.editors.vstar import VStarParams, compute_v_star
-from editcollapse.experiments import subject_is_first_token
-from editcollapse.perplexity import me_ppl
+from editcollapse.experiments.single import subject_is_first_token
+from editcollapse.eval.perplexity import me_ppl
 
 SPREAD = {"mom2_update_weight", "mom2_n_tokens", "nullspace_threshold", "L2"}
 

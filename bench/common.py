@@ -10,8 +10,8 @@ from tokenizers.processors import TemplateProcessing
 
 from editcollapse import load_model, machine
 from editcollapse.editors import ROME
-from editcollapse.keys import context_templates
-from editcollapse.models import LoadedModel, default_device, get_spec, tiny_tokenizer
+from editcollapse.models.keys import context_templates
+from editcollapse.models.loading import LoadedModel, default_device, get_spec, tiny_tokenizer
 
 
 def paper_shape(name: str):

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from editcollapse.models import load_model
+from editcollapse.models.loading import load_model
 from tests.device import DEVICE
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 on a shared machine

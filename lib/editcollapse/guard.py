@@ -44,12 +44,12 @@ from transformers import DynamicCache
 from tqdm.auto import tqdm
 
 from .editors import ROME, EditError, EditRequest, Editor, get_editor
-from .keys import context_templates
-from .models import LoadedModel, pad_ids
-from .nethook import Trace, TraceDict
+from .models.keys import context_templates
+from .models.loading import LoadedModel, pad_ids
+from .models.nethook import Trace, TraceDict
 from .paths import atomic_write_text, cli_path, in_repo
-from .perplexity import COLLAPSE_THRESHOLD
-from .tokens import subject_last_index
+from .eval.perplexity import COLLAPSE_THRESHOLD
+from .models.tokens import subject_last_index
 
 MODES = ("refuse", "warn", "switch")
 FEATURES = ("denominator", "denominator_raw", "gain", "cosine", "k_u_norm", "k_bar_norm",
@@ -622,7 +622,7 @@ def write_hardcf(path, confirmed: pd.DataFrame, cases: dict[int, dict], meta: di
 
 def edit_rows(results_dir="results", stores=EDIT_STORES) -> pd.DataFrame:
     """Single-edit rows of every store in `stores` that exists under `results_dir`; a key in several keeps the first."""
-    from .experiments import ROW_KEY, results_store
+    from .experiments.single import ROW_KEY, results_store
 
     parts = [results_store(results_dir, n).read() for n in stores if (in_repo(results_dir) / f"{n}.jsonl").exists()]
     parts = [p for p in parts if len(p)]
@@ -635,7 +635,7 @@ def sweep_missing(lm: LoadedModel, editor_name: str, cases: list[dict], store, r
                   **sweep) -> int:
     """`single_edit_sweep` into `store` of the cases that no store of EDIT_STORES holds yet (in the given order;
     with retry_errors=True, also those held as error rows only)."""
-    from .experiments import single_edit_sweep
+    from .experiments.single import single_edit_sweep
 
     rows = edit_rows(results_dir)
     if sweep.get("retry_errors") and not rows.empty:
@@ -665,9 +665,9 @@ def main(argv: list[str] | None = None) -> None:
     import time
 
     from . import data
-    from .experiments import first_token_cases, results_store
-    from .models import load_model
-    from .perplexity import me_ppl
+    from .experiments.single import first_token_cases, results_store
+    from .models.loading import load_model
+    from .eval.perplexity import me_ppl
 
     ap = argparse.ArgumentParser(prog="python -m editcollapse.guard", description=main.__doc__)
     ap.add_argument("--model", default="smollm2-135m")

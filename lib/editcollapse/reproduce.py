@@ -36,7 +36,7 @@ import nbformat
 import papermill
 import yaml
 
-from . import shipped
+from .results import shipped
 from .paths import REPO_ROOT, atomic_write_text, in_repo
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -263,9 +263,9 @@ def parameter_schema() -> dict[str, Check]:
     """{parameter: its check}, for every parameter of notebooks/0*.ipynb (a notebook's schema is the checks
     of the names its parameters cell declares). Editors, models, tasks and ME-PPL sizes are those that exist."""
     from .data import ME_PPL_FILES
-    from .downstream import TASKS
+    from .eval.downstream import TASKS
     from .editors import EDITORS
-    from .models import REGISTRY
+    from .models.loading import REGISTRY
 
     models, editors, sizes = list(REGISTRY), list(EDITORS), sorted(ME_PPL_FILES)
     model, ppl = _one_of(models, "a model name"), _one_of(sizes, "an ME-PPL size")
@@ -391,7 +391,7 @@ def check_machine(params: dict[str, dict]) -> None:
     or a model whose weights cannot be found (`models.check_available`)."""
     import torch
 
-    from .models import ModelLoadError, check_available
+    from .models.loading import ModelLoadError, check_available
 
     cuda = sorted(stem for stem, p in params.items() if str(p.get("device", "")).startswith("cuda"))
     if cuda and not torch.cuda.is_available():
@@ -416,7 +416,7 @@ def train_missing_mend(params: dict[str, dict], profile_name: str) -> list[tuple
     model that misses one, as `make train-mend MODEL=... PROFILE=...` does (`mend.train_and_save`).
     Returns [("train-mend <model>", wall seconds)]."""
     from .editors import mend
-    from .models import load_model
+    from .models.loading import load_model
 
     todo = [m for m in mend_models(params) if not (mend.checkpoint_dir(m) / "mend.pt").exists()]
     timings = []

@@ -6,7 +6,7 @@ after, ME-PPL perplexity against the collapse threshold, and an exact undo; long
 progress through a callback. `risk_html`, `verdict_html`, `predictions_html` and `prediction_chart`
 render a report; `edit_explorer()` wires it all to ipywidgets. In a notebook:
 
-    from editcollapse.widgets import edit_explorer
+    from .widgets import edit_explorer
     edit_explorer()
 """
 from __future__ import annotations
@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import data, guard, metrics, perplexity
+from . import data, guard
+
+from .eval import metrics, perplexity
 from .editors import EDITORS, EditRequest, get_editor
-from .keys import context_templates
-from .models import DEFAULT_MODEL, REGISTRY, LoadedModel, load_model
+from .models.keys import context_templates
+from .models.loading import DEFAULT_MODEL, REGISTRY, LoadedModel, load_model
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
 GUARDED = ("rome", "c-rome", "c-rome-prefix", "memit")  # editors whose keys the guard reads

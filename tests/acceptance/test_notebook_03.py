@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from editcollapse.experiments import results_store
+from editcollapse.experiments.single import results_store
 from editcollapse.reproduce import run
 
 pytestmark = pytest.mark.acceptance

@@ -4,7 +4,7 @@ import pytest
 
 from editcollapse import load_model
 from editcollapse.editors import get_editor
-from editcollapse.experiments import quick_sample, results_store, single_edit_row
+from editcollapse.experiments.single import quick_sample, results_store, single_edit_row
 from editcollapse.reproduce import run
 
 pytestmark = pytest.mark.acceptance

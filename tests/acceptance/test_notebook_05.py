@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from editcollapse import data
-from editcollapse.experiments import results_store
+from editcollapse.experiments.single import results_store
 from editcollapse.reproduce import run
 
 pytestmark = pytest.mark.acceptance

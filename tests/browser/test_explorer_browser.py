@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from editcollapse.metrics import predict_next
+from editcollapse.eval.metrics import predict_next
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: "

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from editcollapse import data
 from editcollapse.editors import get_editor, mend
-from editcollapse.models import load_model
-from editcollapse.sequential import sequential_run, sequential_store
+from editcollapse.models.loading import load_model
+from editcollapse.experiments.sequential import sequential_run, sequential_store
 from tests.device import DEVICE
 
 STEPS = 6
@@ -41,10 +41,11 @@ KILLS = ("after_apply", "after_save", "after_row")  # the counted event after wh
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import torch
-    from editcollapse import data, sequential
+    from editcollapse import data
+    from editcollapse.experiments import sequential
     from editcollapse.editors import EditStack
-    from editcollapse.models import load_model
-    from editcollapse.store import ResultStore
+    from editcollapse.models.loading import load_model
+    from editcollapse.results.store import ResultStore
     out, arch, editor, kill, n, kwargs = sys.argv[1:4] + [sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6])]
     cls, attr = dict(after_apply=(EditStack, "apply"), after_save=(sequential.RunState, "save"),
                      after_row=(ResultStore, "append"))[kill]

@@ -22,7 +22,7 @@ from editcollapse import data
 N_LIVES, N_ITEMS = 40, 300
 KILL_HOOK = r"""
 import os, random, signal
-from editcollapse import store as S
+from editcollapse.results import store as S
 
 def die_in_write(k, seed):
     # from now on, the k-th write puts a random part of its bytes on disk and the process dies
@@ -115,15 +115,16 @@ def test_killed_cheap_sweeps_lose_and_duplicate_nothing(tmp_path, record_propert
 
 REAL = KILL_HOOK + r"""
 import sys
-from editcollapse import data, experiments
-from editcollapse.models import load_model
+from editcollapse import data
+from editcollapse.experiments import single
+from editcollapse.models.loading import load_model
 path, mode, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "mid-write":
     die_in_write(2, seed)  # the second row this life writes
 lm = load_model("tiny-llama", device="cpu")
-store = S.ResultStore(path, experiments.ROW_KEY)
+store = S.ResultStore(path, single.ROW_KEY)
 print("loaded", flush=True)
-experiments.single_edit_sweep(lm, "rome", data.load_cases("counterfact", 6, 0), store)
+single.single_edit_sweep(lm, "rome", data.load_cases("counterfact", 6, 0), store)
 """
 
 

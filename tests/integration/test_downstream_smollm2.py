@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editcollapse import data
-from editcollapse import downstream as ds
+from editcollapse.eval import downstream as ds
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,9 @@ when there is one, is checked on held-out cases as well.
 import pytest
 import torch
 
-from editcollapse import data, metrics
+from editcollapse import data
+
+from editcollapse.eval import metrics
 from editcollapse.editors import FT, MEND, EditRequest, edited
 from editcollapse.editors.mend import checkpoint_dir, held_out_cases, train
 from tests.weights import snapshot

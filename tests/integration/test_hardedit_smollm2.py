@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from editcollapse import data
-from editcollapse import hardedit as he
+from editcollapse.hardcases import hardedit as he
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,11 @@ restores the weights exactly. C of layers 4-8 (100k tokens each) is computed on 
 import pytest
 import torch
 
-from editcollapse import data, metrics
+from editcollapse import data
+
+from editcollapse.eval import metrics
 from editcollapse.editors import AlphaEdit, EditRequest, MEMIT, edited
-from editcollapse.experiments import subject_is_first_token
+from editcollapse.experiments.single import subject_is_first_token
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from editcollapse.data import load_cases
-from editcollapse.metrics import edit_metrics, locality_reference, predict_next, target_nll
+from editcollapse.eval.metrics import edit_metrics, locality_reference, predict_next, target_nll
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from editcollapse.data import load_me_ppl
-from editcollapse.perplexity import is_collapsed, sentence_perplexities
+from editcollapse.eval.perplexity import is_collapsed, sentence_perplexities
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import torch
 
 from editcollapse import data
 from editcollapse.editors import ROME, EditRequest, edited
-from editcollapse.experiments import subject_is_first_token
-from editcollapse.metrics import predict_next
-from editcollapse.perplexity import me_ppl
+from editcollapse.experiments.single import subject_is_first_token
+from editcollapse.eval.metrics import predict_next
+from editcollapse.eval.perplexity import me_ppl
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from editcollapse import keys, stats
+from editcollapse.models import keys, stats
 from editcollapse.data import load_counterfact
 
 pytestmark = pytest.mark.integration

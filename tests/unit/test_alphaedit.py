@@ -4,8 +4,8 @@ import torch
 
 from editcollapse.editors import AlphaEdit, EditError, EditRequest, EditStack, edited, live_edits
 from editcollapse.editors import alphaedit
-from editcollapse.models import load_model
-from editcollapse.stats import second_moment
+from editcollapse.models.loading import load_model
+from editcollapse.models.stats import second_moment
 from tests.device import DEVICE
 
 from .test_memit import delta, snapshot

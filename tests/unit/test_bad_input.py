@@ -8,8 +8,8 @@ import torch
 
 from editcollapse.editors import FT, ROME, EditError, EditRequest, get_editor, live_edits
 from editcollapse.request import same_answer
-from editcollapse.stats import Moment
-from editcollapse.tokens import target_ids
+from editcollapse.models.stats import Moment
+from editcollapse.models.tokens import target_ids
 from tests.weights import identical, snapshot
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))

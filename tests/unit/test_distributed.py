@@ -14,9 +14,9 @@ import torch
 ray = pytest.importorskip("ray")
 
 from editcollapse import data  # noqa: E402
-from editcollapse.distributed import GuardScreen, SequentialRuns, SingleEdit, ray_sweep  # noqa: E402
-from editcollapse.experiments import results_store, single_edit_sweep  # noqa: E402
-from editcollapse.sequential import sequential_run, sequential_store  # noqa: E402
+from editcollapse.experiments.distributed import GuardScreen, SequentialRuns, SingleEdit, ray_sweep  # noqa: E402
+from editcollapse.experiments.single import results_store, single_edit_sweep  # noqa: E402
+from editcollapse.experiments.sequential import sequential_run, sequential_store  # noqa: E402
 
 FAST = dict(hparams=dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)))
 TIMING = ("seconds_edit", "seconds_total", "seconds_step")
@@ -132,7 +132,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
 def test_a_failure_while_measuring_gives_no_row_so_the_next_sweep_retries_it(tiny_models, monkeypatch):
     """A Ray worker's chunk leaves out a case whose measurement failed (experiments.FailedEdit), instead of
     storing it as an error row that no rerun would retry; a refused case is still a row."""
-    from editcollapse import perplexity
+    from editcollapse.eval import perplexity
 
     lm = tiny_models("tiny-gpt2")
     job = SingleEdit("rome", editor_kwargs=FAST)

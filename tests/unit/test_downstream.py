@@ -12,7 +12,7 @@ import yaml
 from lm_eval.api.instance import Instance
 
 from editcollapse import data
-from editcollapse import downstream as ds
+from editcollapse.eval import downstream as ds
 
 PAIRS = [("The capital of France is", " Paris"),
          ("Question: How do you boil water?\nAnswer:", " Put it in a pot and heat it."),

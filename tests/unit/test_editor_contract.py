@@ -12,10 +12,12 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from editcollapse import data, experiments
+from editcollapse import data
+
+from editcollapse.experiments import single
 from editcollapse.editors import EDITORS, EditError, EditRequest, EditStack, edited, get_editor, live_edits
 from editcollapse.editors import base, mend
-from editcollapse.models import load_model
+from editcollapse.models.loading import load_model
 from tests.device import DEVICE
 from tests.weights import snapshot, identical
 
@@ -251,10 +253,10 @@ def test_refused_and_failed_edits_become_rows_with_error(tiny_models, name, monk
     bad_cases = [dict(good, subject=None), {k: v for k, v in good.items() if k != "case_id"} | dict(subject="Rome"),
                  dict(good, subject="aris"), {"prompt": 3}, None]
     for case in bad_cases:
-        row = experiments.single_edit_row(lm, ed, case, ppl_size=50)
+        row = single.single_edit_row(lm, ed, case, ppl_size=50)
         assert row["error"] and "ppl" not in row
     monkeypatch.setattr(base, "tensor_changes", lambda *a, **k: (_ for _ in ()).throw(EditError("non-finite x")))
-    row = experiments.single_edit_row(lm, ed, good, ppl_size=50)
+    row = single.single_edit_row(lm, ed, good, ppl_size=50)
     assert "non-finite" in row["error"]
     assert identical(lm, before) and not live_edits(lm)
 

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from editcollapse import hardedit as he
+from editcollapse.hardcases import hardedit as he
 
 LIFETIME = 120.0  # seconds the server lives at most
 CF = [dict(case_id=0, prompt="Berlin is the capital of", subject="Berlin", target_new="Italy", ground_truth="Germany")]

@@ -1,11 +1,13 @@
 """The seeded, nested samples the notebooks rely on (notebooks sharing a results store reuse each other's
-edits only if a smaller sample is part of a larger one): `data.load_cases`, `experiments.first_token_cases`,
-`experiments.quick_sample`. Also the data a tiny model needs."""
+edits only if a smaller sample is part of a larger one): `data.load_cases`, `single.first_token_cases`,
+`single.quick_sample`. Also the data a tiny model needs."""
 import pytest
 
-from editcollapse import data, experiments
+from editcollapse import data
+
+from editcollapse.experiments import single
 from editcollapse.data import MissingDataError
-from editcollapse.models import tiny_tokenizer
+from editcollapse.models.loading import tiny_tokenizer
 from tests.device import DEVICE
 
 SIZES = (1, 3, 10, 40, 200)
@@ -49,7 +51,7 @@ def first_token_by_hand(lm, case) -> bool:
 def pool():
     """300 CounterFact cases plus cases rewritten to start with a one-token subject (the tiny tokenizer
     makes few real CounterFact subjects one token: a pool with enough first-token cases to sample from)."""
-    from editcollapse.models import load_model
+    from editcollapse.models.loading import load_model
 
     cases = data.load_cases("counterfact", 300, seed=0)
     tok = load_model("tiny-llama", device=DEVICE).tok
@@ -64,18 +66,18 @@ def test_first_token_cases_have_the_subject_as_first_token(tiny_models, pool, na
     lm = tiny_models(name)
     by_hand = [c for c in pool if first_token_by_hand(lm, c)]
     assert len(by_hand) >= 20
-    assert ids(experiments.first_token_cases(lm, pool, len(pool))) == ids(by_hand)  # exactly these
-    samples = [experiments.first_token_cases(lm, pool, n, seed=0) for n in (1, 4, 12, 20)]
+    assert ids(single.first_token_cases(lm, pool, len(pool))) == ids(by_hand)  # exactly these
+    samples = [single.first_token_cases(lm, pool, n, seed=0) for n in (1, 4, 12, 20)]
     assert [len(s) for s in samples] == [1, 4, 12, 20]
     check_nested_sorted_unique(samples)
-    assert experiments.first_token_cases(lm, pool, 12, seed=0) == samples[2]
-    assert ids(experiments.first_token_cases(lm, pool, 12, seed=1)) != ids(samples[2])
+    assert single.first_token_cases(lm, pool, 12, seed=0) == samples[2]
+    assert ids(single.first_token_cases(lm, pool, 12, seed=1)) != ids(samples[2])
 
 
 def test_quick_sample_on_counterfact(tiny_models):
     """The real call of notebook 02: random cases plus the first-token ones, by case_id, without duplicates."""
     lm = tiny_models("tiny-llama")
-    got = experiments.quick_sample(lm, "counterfact", 5, n_first_token=2, seed=0)
+    got = single.quick_sample(lm, "counterfact", 5, n_first_token=2, seed=0)
     hits = [c for c in data.load_cases("counterfact") if first_token_by_hand(lm, c)]
     random5 = data.load_cases("counterfact", 5, seed=0)
     extra = set(ids(got)) - set(ids(random5))
@@ -85,19 +87,19 @@ def test_quick_sample_on_counterfact(tiny_models):
 
 def test_quick_sample_is_nested_in_both_sizes(tiny_models, pool, monkeypatch):
     lm = tiny_models("tiny-llama")
-    monkeypatch.setattr(experiments.data, "load_cases", lambda dataset, n=None, seed=0: data._take(pool, n, seed))
-    grid = {(r, f): experiments.quick_sample(lm, "counterfact", r, f, seed=0) for r in (0, 5, 50) for f in (0, 3, 10)}
+    monkeypatch.setattr(single.data, "load_cases", lambda dataset, n=None, seed=0: data._take(pool, n, seed))
+    grid = {(r, f): single.quick_sample(lm, "counterfact", r, f, seed=0) for r in (0, 5, 50) for f in (0, 3, 10)}
     for (r, f), sample in grid.items():
         assert ids(sample) == sorted(set(ids(sample)))
-        randoms, firsts = data._take(pool, r, 0) if r else [], experiments.first_token_cases(lm, pool, f, 0) if f else []
+        randoms, firsts = data._take(pool, r, 0) if r else [], single.first_token_cases(lm, pool, f, 0) if f else []
         assert ids(sample) == sorted(set(ids(randoms)) | set(ids(firsts)))
         for r2, f2 in grid:
             if r2 >= r and f2 >= f:
                 assert set(ids(sample)) <= set(ids(grid[r2, f2]))
     assert len(grid[50, 10]) < 60  # random and first-token cases overlapped, and were counted once
     assert grid[0, 0] == [] and len(grid[0, 10]) == 10
-    assert experiments.quick_sample(lm, "counterfact", 5, 3, seed=0) == grid[5, 3]
-    assert ids(experiments.quick_sample(lm, "counterfact", None, 0)) == ids(pool)
+    assert single.quick_sample(lm, "counterfact", 5, 3, seed=0) == grid[5, 3]
+    assert ids(single.quick_sample(lm, "counterfact", None, 0)) == ids(pool)
 
 
 def test_tiny_tokenizer_without_data_raises_missing_data_error(tmp_path, monkeypatch):

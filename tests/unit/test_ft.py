@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from editcollapse import metrics
+from editcollapse.eval import metrics
 from editcollapse.editors import FT, EditError, EditRequest, edited
-from editcollapse.tokens import target_ids
+from editcollapse.models.tokens import target_ids
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]

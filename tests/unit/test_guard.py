@@ -11,8 +11,8 @@ import torch
 from editcollapse import guard
 from editcollapse.editors import ROME, EditError, EditRequest, edited, live_edits
 from editcollapse.editors.memit import MEMIT
-from editcollapse.keys import edit_keys
-from editcollapse.stats import second_moment
+from editcollapse.models.keys import edit_keys
+from editcollapse.models.stats import second_moment
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
@@ -185,7 +185,7 @@ def test_confirmation_plan_and_recall_by_hand():
 def test_sweep_missing_reuses_edits_of_every_store(tiny_models, tmp_path):
     """A case edited into one of EDIT_STORES is not edited again into another; edit_rows reads them all."""
     from editcollapse import data
-    from editcollapse.experiments import results_store
+    from editcollapse.experiments.single import results_store
 
     lm = tiny_models("tiny-llama")
     cases = data.load_counterfact(n=2, seed=0)

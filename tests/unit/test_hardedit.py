@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from editcollapse import data
-from editcollapse import hardedit as he
+from editcollapse.hardcases import hardedit as he
 
 GOOD = [{"prompt": "Thunder's occupation is", "subject": "Thunder", "target_new": "architect", "ground_truth": "actor"},
         {"prompt": "Mango is a kind of", "subject": "Mango", "target_new": "vegetable", "ground_truth": "fruit"}]

@@ -4,9 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from editcollapse import data, guard, keyspace
+from editcollapse import data, guard
+
+from editcollapse.analysis import keyspace
 from editcollapse.editors import ROME, EditRequest, edited
-from editcollapse.nethook import Trace
+from editcollapse.models.nethook import Trace
 from tests.weights import snapshot
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
@@ -143,7 +145,7 @@ def test_line_moments_by_hand(tiny_models):
 def test_rome_under_moments_reproduces_rome(tiny_models):
     """With C = I the reused-v* update is ROME's own (same denominator, same ‖Δ‖); with C it is ROME's
     mom2_adjustment update with that C. The model is restored after each."""
-    from editcollapse.stats import second_moment
+    from editcollapse.models.stats import second_moment
 
     lm = tiny_models("tiny-llama")
     case = data.load_counterfact(n=3, seed=2)[0]

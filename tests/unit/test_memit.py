@@ -6,11 +6,11 @@ import torch
 
 from editcollapse.editors import MEMIT, EditError, EditRequest, edited
 from editcollapse.editors import memit
-from editcollapse.keys import context_templates, edit_keys
-from editcollapse.nethook import Trace, get_module
-from editcollapse import stats
-from editcollapse.stats import second_moment, second_moments
-from editcollapse.tokens import subject_last_index
+from editcollapse.models.keys import context_templates, edit_keys
+from editcollapse.models.nethook import Trace, get_module
+from editcollapse.models import stats
+from editcollapse.models.stats import second_moment, second_moments
+from editcollapse.models.tokens import subject_last_index
 from tests.weights import snapshot
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]

@@ -9,7 +9,7 @@ from editcollapse.editors import MEND, EditError, EditRequest, edited
 from editcollapse.editors.ft import target_batch
 from editcollapse.editors.mend import (MENDCheckpoint, MENDNet, PRESETS, gradient_factors, held_out_cases, in_out,
                                        mlp_weights, train, validate)
-from editcollapse.nethook import get_module
+from editcollapse.models.nethook import get_module
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from editcollapse.metrics import (edit_metrics, locality_reference, predict_next, target_ids, target_nll,
+from editcollapse.eval.metrics import (edit_metrics, locality_reference, predict_next, target_ids, target_nll,
                                   target_token_acc, with_prefix)
-from editcollapse.models import load_model
-from editcollapse.nethook import get_module
+from editcollapse.models.loading import load_model
+from editcollapse.models.nethook import get_module
 from tests.device import DEVICE
 
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]

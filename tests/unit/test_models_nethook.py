@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from editcollapse.models import REGISTRY, ModelLoadError, get_spec, load_model
-from editcollapse.nethook import Trace, TraceDict, get_module
+from editcollapse.models.loading import REGISTRY, ModelLoadError, get_spec, load_model
+from editcollapse.models.nethook import Trace, TraceDict, get_module
 
 TINY = [n for n, s in REGISTRY.items() if s.source == "tiny"]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from editcollapse.data import load_me_ppl
-from editcollapse.models import LoadedModel
-from editcollapse.perplexity import (collapse_report, is_collapsed, length_sorted_batches, me_ppl,
+from editcollapse.models.loading import LoadedModel
+from editcollapse.eval.perplexity import (collapse_report, is_collapsed, length_sorted_batches, me_ppl,
                                      sentence_perplexities)
 
 TEXTS = ["The capital of France is Paris, a city on the Seine.",
@@ -64,7 +64,7 @@ def test_batched_equals_unbatched(tiny_models, name):
 def test_me_ppl_mean_and_median(tiny_models, monkeypatch):
     lm = tiny_models("tiny-gpt2")
     texts = TEXTS + ["Toko Yasuda, the"]
-    monkeypatch.setattr("editcollapse.perplexity.load_me_ppl", lambda size: texts)
+    monkeypatch.setattr("editcollapse.eval.perplexity.load_me_ppl", lambda size: texts)
     hand = sorted(hand_ppl(lm, t) for t in texts)
     res = me_ppl(lm, size=50, batch_size=2, progress=False)
     assert res["n"] == 4
@@ -104,7 +104,7 @@ def test_misleading_inputs_get_clear_errors(tiny_models, monkeypatch):
         with pytest.raises(ValueError, match=rf"size must be one of the ints 50, 1000, 10000 .*not {size!r:.4}"):
             me_ppl(lm, size=size, progress=False)
     asked = []
-    monkeypatch.setattr("editcollapse.perplexity.load_me_ppl", lambda size: asked.append(size) or TEXTS)
+    monkeypatch.setattr("editcollapse.eval.perplexity.load_me_ppl", lambda size: asked.append(size) or TEXTS)
     me_ppl(lm, size=np.int64(50), progress=False)
     assert asked == [50] and type(asked[0]) is int
 

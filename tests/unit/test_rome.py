@@ -6,9 +6,9 @@ from editcollapse.editors import ROME, EditError, EditRequest, edited, get_edito
 from editcollapse.editors.rome import PRESETS, ROMEHyperParams
 from editcollapse.editors import vstar
 from editcollapse.editors.vstar import compute_v_star
-from editcollapse.keys import context_templates, keys_and_values
-from editcollapse.tokens import subject_last_index
-from editcollapse.nethook import get_module
+from editcollapse.models.keys import context_templates, keys_and_values
+from editcollapse.models.tokens import subject_last_index
+from editcollapse.models.nethook import get_module
 from transformers.pytorch_utils import Conv1D
 from tests.weights import snapshot, identical
 
@@ -192,7 +192,7 @@ def test_unknown_editor_name():
 
 def test_mom2_adjustment_uses_C_inverse_k_bar(tiny_models):
     """With mom2_adjustment, u = C⁻¹k̄ (C from stats.second_moment) and the update is still exact at k^u."""
-    from editcollapse.stats import second_moment
+    from editcollapse.models.stats import second_moment
 
     lm = tiny_models("tiny-llama")
     layer = PRESETS["tiny-llama"]["layer"]
@@ -228,7 +228,7 @@ def test_bad_hyper_parameters_are_refused_when_the_editor_is_built(hparams, mess
 
 
 def test_stats_of_another_layer_are_refused(tiny_models):
-    from editcollapse.stats import second_moment
+    from editcollapse.models.stats import second_moment
 
     lm = tiny_models("tiny-llama")
     before = snapshot(lm)

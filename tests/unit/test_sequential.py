@@ -7,7 +7,7 @@ import torch
 
 from editcollapse import data
 from editcollapse.editors import live_edits
-from editcollapse.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
+from editcollapse.experiments.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
 from tests.weights import snapshot, identical
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
@@ -44,7 +44,7 @@ def test_a_run_has_one_row_per_step_and_restores_the_model(tiny_models, tmp_path
                           editor_kwargs=dict(hparams=FAST)) == 0
     # the run released the store's writer lock: another process can write to the store now
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0][list(store.key)].items()}
-    code = (f"from editcollapse.sequential import sequential_store; "
+    code = (f"from editcollapse.experiments.sequential import sequential_store; "
             f"sequential_store({str(tmp_path)!r}, 'seq').append(dict({row!r}, step=99))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert 99 in set(store.read().step)
@@ -104,7 +104,7 @@ def test_refused_edits_are_rows_and_downstream_is_taken_at_checkpoints(tiny_mode
 
 
 def test_hard_cases_are_the_rome_collapse_cases_and_normal_ones_match_their_number(tiny_models, tmp_path):
-    from editcollapse.experiments import hard_and_normal_cases, results_store, subject_is_first_token
+    from editcollapse.experiments.single import hard_and_normal_cases, results_store, subject_is_first_token
 
     lm = tiny_models("tiny-gpt2")
     store = results_store(tmp_path, "single_edit")
@@ -125,7 +125,7 @@ def test_a_shipped_hardcf_gives_the_hard_cases(tiny_models, tmp_path, monkeypatc
     import shutil
 
     from editcollapse import paths
-    from editcollapse.experiments import hard_and_normal_cases, results_store
+    from editcollapse.experiments.single import hard_and_normal_cases, results_store
 
     lm = tiny_models("tiny-gpt2")
     fake = tmp_path / "data"

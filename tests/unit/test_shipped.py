@@ -4,9 +4,11 @@ import json
 import pytest
 import torch
 
-from editcollapse import data, paths, shipped
-from editcollapse.sequential import DOWNSTREAM_KEY, SEQ_KEY, sequential_run, sequential_store
-from editcollapse.store import ResultStore
+from editcollapse import data, paths
+
+from editcollapse.results import shipped
+from editcollapse.experiments.sequential import DOWNSTREAM_KEY, SEQ_KEY, sequential_run, sequential_store
+from editcollapse.results.store import ResultStore
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 KEYS = {"seq": SEQ_KEY, "ds": DOWNSTREAM_KEY}

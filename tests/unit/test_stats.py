@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from editcollapse import stats
-from editcollapse.models import load_model
-from editcollapse.nethook import Trace
+from editcollapse.models import stats
+from editcollapse.models.loading import load_model
+from editcollapse.models.nethook import Trace
 from tests.device import DEVICE
 
 N, T = 1500, 64  # tokens, window length: the last window used is cut short
@@ -169,7 +169,7 @@ def test_convergence_and_first_token_share(tiny_models):
 
 def test_several_layers_in_one_pass_equal_one_layer_at_a_time(tiny_models, tmp_path, monkeypatch):
     """second_moments over layers (one shared forward pass) gives each layer's second_moment bit for bit."""
-    from editcollapse import stats
+    from editcollapse.models import stats
 
     monkeypatch.setenv("EDITCOLLAPSE_CACHE", str(tmp_path))
     lm = tiny_models("tiny-llama")

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from editcollapse.store import ResultStore, StoreError, StoreLocked, merge_shards, run_cases, shard_of
+from editcollapse.results.store import ResultStore, StoreError, StoreLocked, merge_shards, run_cases, shard_of
 
 KEY = ("experiment", "model", "case_id")
 
@@ -197,7 +197,7 @@ def test_values_round_trip(tmp_path):
 # ---------------------------------------------------------------- one writer
 HOLDER = """
 import sys
-from editcollapse.store import ResultStore
+from editcollapse.results.store import ResultStore
 store = ResultStore(sys.argv[1], ("id",))
 store.append(dict(id=0))
 print("holding", flush=True)

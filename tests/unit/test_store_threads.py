@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from editcollapse.store import ResultStore, StoreLocked, run_cases
+from editcollapse.results.store import ResultStore, StoreLocked, run_cases
 from tests.unit.test_store import holding
 
 N_THREADS, N_KEYS = 4, 200
@@ -72,7 +72,7 @@ def test_the_lock_is_released_after_threads_wrote(tmp_path):
     store = ResultStore(tmp_path / "res.jsonl", ("id",))
     in_threads(lambda i: store.append(dict(id=i)))
     store.close()
-    subprocess.run([sys.executable, "-c", "import sys; from editcollapse.store import ResultStore; "
+    subprocess.run([sys.executable, "-c", "import sys; from editcollapse.results.store import ResultStore; "
                     "ResultStore(sys.argv[1], ('id',)).append(dict(id=99))", str(store.path)], check=True)
     assert len(store.path.read_text().splitlines()) == N_THREADS + 1
 

@@ -2,8 +2,10 @@
 a refused edit is stored as an error row, counted in the summary, and edited again with retry_errors=True."""
 import pytest
 
-from editcollapse import data, experiments, guard
-from editcollapse.experiments import FailedEdit, results_store, single_edit_row, single_edit_sweep
+from editcollapse import data, guard
+
+from editcollapse.experiments import single
+from editcollapse.experiments.single import FailedEdit, results_store, single_edit_row, single_edit_sweep
 from editcollapse.editors import ROME, live_edits
 from tests.weights import identical, snapshot
 
@@ -20,7 +22,7 @@ def cases():
 
 def flaky_me_ppl(monkeypatch, fail_calls: set):
     """me_ppl that raises on the calls numbered in `fail_calls` (0-based), as an out-of-memory would."""
-    real, calls = experiments.perplexity.me_ppl, []
+    real, calls = single.perplexity.me_ppl, []
 
     def me_ppl(*args, **kw):
         calls.append(1)
@@ -28,7 +30,7 @@ def flaky_me_ppl(monkeypatch, fail_calls: set):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args, **kw)
 
-    monkeypatch.setattr(experiments.perplexity, "me_ppl", me_ppl)
+    monkeypatch.setattr(single.perplexity, "me_ppl", me_ppl)
     return calls
 
 

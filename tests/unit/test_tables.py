@@ -3,7 +3,7 @@ import math
 
 import pandas as pd
 
-from editcollapse.tables import label_cases, single_edit_table, sweep_rows
+from editcollapse.results.tables import label_cases, single_edit_table, sweep_rows
 
 
 def rows():
@@ -64,7 +64,7 @@ def seq_rows():
 
 
 def test_collapse_steps_finds_the_first_step_over_the_threshold():
-    from editcollapse.tables import collapse_steps, sequential_rows
+    from editcollapse.results.tables import collapse_steps, sequential_rows
 
     table = collapse_steps(sequential_rows(seq_rows(), "m", ["rome", "memit"], ["hard", "normal"]))
     assert table.loc[("rome", "hard")].first_collapse_step == 2
@@ -74,7 +74,7 @@ def test_collapse_steps_finds_the_first_step_over_the_threshold():
 
 
 def test_checkpoint_table_holds_the_larger_perplexity_where_it_was_measured():
-    from editcollapse.tables import checkpoint_table
+    from editcollapse.results.tables import checkpoint_table
 
     rows = seq_rows()
     assert checkpoint_table(rows).empty
@@ -85,7 +85,7 @@ def test_checkpoint_table_holds_the_larger_perplexity_where_it_was_measured():
 
 
 def test_downstream_table_takes_each_runs_last_step_and_the_original_on_top():
-    from editcollapse.tables import downstream_table
+    from editcollapse.results.tables import downstream_table
 
     ds = pd.DataFrame([dict(run="hard", editor="rome", step=3, task="piqa", metric="acc", value=0.5),
                        dict(run="hard", editor="rome", step=1, task="piqa", metric="acc", value=0.7),

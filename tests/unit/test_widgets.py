@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
-from editcollapse import guard, metrics, perplexity
+from editcollapse import guard
+
+from editcollapse.eval import metrics, perplexity
 from editcollapse.editors import EditError, EditRequest, get_editor
 from editcollapse.widgets import (ExplorerSession, edit_explorer, predictions_html, prediction_chart, risk_html,
                                   verdict_html)

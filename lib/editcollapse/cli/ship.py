@@ -9,7 +9,9 @@ import argparse
 import shlex
 import sys
 
-from .. import machine, shipped
+from .. import machine
+
+from ..results import shipped
 from ..paths import cli_path, in_repo
 
 

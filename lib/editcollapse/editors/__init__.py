@@ -5,7 +5,7 @@ follows the contract of `base` (validated, atomic, ordered exact undo, common di
 tests/unit/test_editor_contract.py checks it for each one on every tiny architecture.
 """
 from ..errors import EditError
-from ..live import live_edits
+from ..models.live import live_edits
 from ..request import EditRequest
 from .base import EditResult, Editor, edited
 from .ft import FT, FTHyperParams

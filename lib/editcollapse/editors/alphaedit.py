@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import EditError
-from ..models import LoadedModel
-from ..live import live_edits
+from ..models.loading import LoadedModel
+from ..models.live import live_edits
 from .base import check_overrides, hparams_for
-from ..stats import model_moments
+from ..models.stats import model_moments
 from .memit import MEMIT, SpreadParams, moment
 from .vstar import check_float
 

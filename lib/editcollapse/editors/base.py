@@ -31,11 +31,11 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
-from ..live import _LIVE, sigint_deferred
-from ..models import LoadedModel
-from ..nethook import get_parameter
+from ..models.live import _LIVE, sigint_deferred
+from ..models.loading import LoadedModel
+from ..models.nethook import get_parameter
 from ..request import EditRequest
-from ..tokens import target_ids
+from ..models.tokens import target_ids
 
 TOP_ENTRIES = 5
 

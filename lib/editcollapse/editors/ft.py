@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import EditError
-from ..models import LoadedModel, pad_ids
-from ..tokens import target_ids
+from ..models.loading import LoadedModel, pad_ids
+from ..models.tokens import target_ids
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for
 from .vstar import check_float, check_int
 

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import EditError
-from ..keys import check_template_lengths, context_templates, edit_texts
-from ..models import LoadedModel
-from ..nethook import Trace
-from ..stats import Moment, model_moments
+from ..models.keys import check_template_lengths, context_templates, edit_texts
+from ..models.loading import LoadedModel
+from ..models.nethook import Trace
+from ..models.stats import Moment, model_moments
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
 from .vstar import VStarParams, check_float, check_int, compute_v_star, curve_summary
 

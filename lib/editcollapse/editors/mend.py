@@ -49,9 +49,9 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
-from ..live import fingerprint
-from ..models import LoadedModel
-from ..nethook import Trace, get_module
+from ..models.live import fingerprint
+from ..models.loading import LoadedModel
+from ..models.nethook import Trace, get_module
 from ..paths import atomic_write_text, cache_dir
 from .base import Editor, EditRequest, check_overrides, hparams_for, param_delta
 from .ft import TargetBatch, scored_nll, target_batch, target_nll
@@ -603,8 +603,8 @@ def curve_table(curve: list[dict], rows: int = 12) -> str:
 
 def evaluate(lm: LoadedModel, editor: MEND | Editor, cases: list[dict], ppl_size: int = 50) -> dict:
     """Efficacy, generalisation, locality per held-out case (edit, measure, undo); ME-PPL after the first edit."""
-    from ..metrics import edit_metrics, locality_reference
-    from ..perplexity import me_ppl
+    from ..eval.metrics import edit_metrics, locality_reference
+    from ..eval.perplexity import me_ppl
 
     rows = []
     for i, case in enumerate(tqdm(cases, desc=f"{editor.name} on held-out cases")):
@@ -637,7 +637,7 @@ def train_and_save(lm: LoadedModel, profile: str = "quick", steps: int | None = 
 
 
 def main(argv=None) -> None:
-    from ..models import load_model
+    from ..models.loading import load_model
 
     ap = argparse.ArgumentParser(prog="python -m editcollapse.editors.mend", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)

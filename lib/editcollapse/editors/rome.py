@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EditError
-from ..keys import check_template_lengths, context_templates, edit_keys
-from ..models import LoadedModel
-from ..stats import model_moments
+from ..models.keys import check_template_lengths, context_templates, edit_keys
+from ..models.loading import LoadedModel
+from ..models.stats import model_moments
 from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
 from .vstar import VStarParams, check_int, compute_v_star, curve_summary
 

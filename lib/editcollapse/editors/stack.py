@@ -1,7 +1,7 @@
 """A sequence of edits on one model, undone exactly and last-first (sequential editing, Butterfly Effect Sec. 4)."""
 from __future__ import annotations
 
-from ..models import LoadedModel
+from ..models.loading import LoadedModel
 from .base import EditResult, Editor, sigint_deferred
 
 

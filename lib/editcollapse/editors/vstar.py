@@ -30,9 +30,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
-from ..models import LoadedModel, pad_ids
-from ..nethook import Trace, get_module
-from ..tokens import subject_last_index, target_ids
+from ..models.loading import LoadedModel, pad_ids
+from ..models.nethook import Trace, get_module
+from ..models.tokens import subject_last_index, target_ids
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Sweeps on Ray: one worker per GPU or per CPU slot, each loading its model once and editing chunks of cases.
 
-    from editcollapse.distributed import SingleEdit, ray_sweep
+    from .distributed import SingleEdit, ray_sweep
     ray_sweep(SingleEdit("rome"), "smollm2-135m", cases, store, workers=2)
 
 - **Work.** A job (`SingleEdit`, `SequentialRuns`, `GuardScreen`) turns items (cases, or whole edit
@@ -20,7 +20,7 @@
   `address="auto"` or `"ray://host:10001"` joins an existing cluster. Runs on one process (no
   Ray) stay `experiments.single_edit_sweep` and friends: the rows are the same.
 
-`python -m editcollapse.distributed --help` runs a single-edit sweep from the command line.
+`python -m editcollapse.experiments.distributed --help` runs a single-edit sweep from the command line.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .paths import cli_path, in_repo
-from .store import ResultStore
+from ..paths import cli_path, in_repo
+from ..results.store import ResultStore
 
 
 # ---------------------------------------------------------------- jobs
@@ -53,7 +53,7 @@ class SingleEdit:
     chunk: int = 2
 
     def __post_init__(self):
-        from .editors import get_editor
+        from ..editors import get_editor
 
         self.name = get_editor(self.editor, **self.editor_kwargs).name  # refuses unknown editors here
 
@@ -61,14 +61,14 @@ class SingleEdit:
         return [(self.experiment, model, self.name, item.get("dataset"), item.get("case_id"))]
 
     def setup(self, lm) -> None:
-        from .editors import get_editor
+        from ..editors import get_editor
 
         self._editor = get_editor(self.editor, **self.editor_kwargs)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
         """A row per case; none for a case whose edit failed for another reason than the case itself
         (experiments.FailedEdit), so that the next sweep retries it."""
-        from .experiments import FailedEdit, single_edit_row
+        from .single import FailedEdit, single_edit_row
 
         ids, out = dict(experiment=self.experiment, model=lm.spec.name, editor=self.name), []
         for case in items:
@@ -92,7 +92,7 @@ class SequentialRuns:
     chunk: int = 1
 
     def keys(self, model: str, item: dict) -> list[tuple]:
-        from .editors import get_editor
+        from ..editors import get_editor
 
         name = get_editor(item["editor"]).name
         return [(self.experiment, item["run"], model, name, step) for step in range(len(item["cases"]) + 1)]
@@ -126,13 +126,13 @@ class GuardScreen:
         return [(self.experiment, model, self.editor, item.get("dataset"), item.get("case_id"))]
 
     def setup(self, lm) -> None:
-        from .editors import get_editor
-        from .guard import key_site
+        from ..editors import get_editor
+        from ..guard import key_site
 
         self._site = key_site(lm, get_editor(self.editor)).subset(self.n_contexts)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
-        from .guard import key_features
+        from ..guard import key_features
 
         ids = dict(experiment=self.experiment, model=lm.spec.name, editor=self.editor,
                    n_contexts=len(self._site.contexts) - 1)
@@ -149,7 +149,7 @@ def _worker_class():
         """Loads the model once; `run(chunk)` returns the rows of every item of the chunk."""
 
         def __init__(self, model: str, device: str | None, threads: int, job):
-            from .models import load_model
+            from ..models.loading import load_model
 
             torch.set_num_threads(threads)
             os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -226,12 +226,12 @@ def ray_sweep(job, model: str, items: list, store: ResultStore, workers: int | N
 
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
-    from . import data
-    from .experiments import quick_sample, results_store
-    from .models import DEFAULT_MODEL, load_model
-    from .perplexity import me_ppl
+    from .. import data
+    from .single import quick_sample, results_store
+    from ..models.loading import DEFAULT_MODEL, load_model
+    from ..eval.perplexity import me_ppl
 
-    ap = argparse.ArgumentParser(prog="python -m editcollapse.distributed",
+    ap = argparse.ArgumentParser(prog="python -m editcollapse.experiments.distributed",
                                  description="A single-edit sweep on Ray workers, into the results store.")
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--editor", default="rome")

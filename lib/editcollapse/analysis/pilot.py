@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .downstream import HEADLINE, RANDOM_BASELINE
-from .perplexity import COLLAPSE_THRESHOLD, is_collapsed
+from ..eval.downstream import HEADLINE, RANDOM_BASELINE
+from ..eval.perplexity import COLLAPSE_THRESHOLD, is_collapsed
 
 GROUPS = ("original", "normal", "collapsed")
 

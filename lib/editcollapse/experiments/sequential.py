@@ -35,14 +35,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import metrics, perplexity
-from .editors import EditError, EditStack, get_editor
-from .editors.base import apply_state
-from .experiments import apply_case
-from .models import LoadedModel
-from .nethook import get_parameter
-from .paths import in_repo
-from .store import ResultStore
+from ..eval import metrics, perplexity
+from ..editors import EditError, EditStack, get_editor
+from ..editors.base import apply_state
+from .single import apply_case
+from ..models.loading import LoadedModel
+from ..models.nethook import get_parameter
+from ..paths import in_repo
+from ..results.store import ResultStore
 
 SEQ_KEY = ("experiment", "run", "model", "editor", "step")
 DOWNSTREAM_KEY = SEQ_KEY + ("task", "metric")
@@ -166,7 +166,7 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
         """Downstream rows of the step (those not stored yet), then the step's own row."""
         nonlocal written
         if step in downstream_steps and downstream_store is not None:
-            from .downstream import evaluate_all
+            from ..eval.downstream import evaluate_all
 
             have = downstream_store.done()
             for r in evaluate_all(lm, **(downstream_kwargs or {})).to_dict("records"):

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from .errors import EditError
+from ..errors import EditError
 
 
 def target_ids(lm, target: str) -> list[int]:

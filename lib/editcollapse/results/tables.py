@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .perplexity import COLLAPSE_THRESHOLD
+from ..eval.perplexity import COLLAPSE_THRESHOLD
 
 HEADLINE = ("efficacy", "generalization", "locality")
 

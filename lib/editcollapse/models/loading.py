@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_dir, data_dir
+from ..paths import cache_dir, data_dir
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import MissingDataError
+    from ..data import MissingDataError
 
     me_ppl, val = data_dir() / "ME-PPL" / "ME-PPL_1k.json", data_dir() / "CounterFact" / "counterfact-val.json"
     for path in (me_ppl, val):

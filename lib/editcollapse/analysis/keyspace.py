@@ -24,17 +24,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import guard
-from .editors import ROME, EditRequest, edited
-from .editors.base import WeightTransaction, param_delta
-from .editors.rome import rank_one_update
-from .keys import edit_keys
-from .models import LoadedModel, pad_ids
-from .nethook import Trace, TraceDict, get_module
-from .metrics import edit_metrics, locality_reference
-from .perplexity import me_ppl
-from .tables import HEADLINE
-from .stats import Moment
+from .. import guard
+from ..editors import ROME, EditRequest, edited
+from ..editors.base import WeightTransaction, param_delta
+from ..editors.rome import rank_one_update
+from ..models.keys import edit_keys
+from ..models.loading import LoadedModel, pad_ids
+from ..models.nethook import Trace, TraceDict, get_module
+from ..eval.metrics import edit_metrics, locality_reference
+from ..eval.perplexity import me_ppl
+from ..results.tables import HEADLINE
+from ..models.stats import Moment
 
 KINDS = ("k_u", "k_bar", "C_inv_k")
 
@@ -321,7 +321,7 @@ def position_shift_effect(lm: LoadedModel, texts: list[str], layer: int, offset:
 
 def wikitext_lines(lm: LoadedModel, n_tokens: int | None, seed: int = 0) -> list[str]:
     """Non-empty WikiText-2 lines in a seeded random order, as many as hold about `n_tokens` tokens (all: None)."""
-    from .data import load_wikitext
+    from ..data import load_wikitext
 
     lines = [x for x in load_wikitext() if x.strip()]
     order = np.random.default_rng(seed).permutation(len(lines))
@@ -343,7 +343,7 @@ def moment_variants(lm: LoadedModel, layer: int, n_tokens: int | None, seq_lens=
     - "per line", "per line, skip first": one sequence per line, with and without position 0;
     - "T=<max> + <s> first": the longest windows' C with a share s of first-position keys mixed in.
     """
-    from .stats import second_moment
+    from ..models.stats import second_moment
 
     out = {}
     for T in seq_lens:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import ME_PPL_FILES, load_me_ppl
-from .models import LoadedModel
+from ..data import ME_PPL_FILES, load_me_ppl
+from ..models.loading import LoadedModel
 
 COLLAPSE_THRESHOLD = 1000.0
 

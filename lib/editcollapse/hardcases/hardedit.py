@@ -18,7 +18,7 @@ The paper's three steps, here for any local model:
    exists), ME-PPL perplexity, kept when `perplexity.is_collapsed`; rows go to a ResultStore (resumable).
 
 `write_hardedit` saves the kept cases in CounterFact format with their perplexity, generator,
-generation prompt, settings and model. CLI: ``python -m editcollapse.hardedit --help``.
+generation prompt, settings and model. CLI: ``python -m editcollapse.hardcases.hardedit --help``.
 """
 from __future__ import annotations
 
@@ -39,14 +39,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import data, perplexity
-from .editors import EditError, EditRequest
-from .experiments import results_store, single_edit_sweep, subject_is_first_token
-from .models import LoadedModel
-from .paths import atomic_write_text, cli_path, in_repo
-from .request import same_answer
-from .store import ResultStore
-from .tokens import target_ids
+from .. import data
+
+from ..eval import perplexity
+from ..editors import EditError, EditRequest
+from ..experiments.single import results_store, single_edit_sweep, subject_is_first_token
+from ..models.loading import LoadedModel
+from ..paths import atomic_write_text, cli_path, in_repo
+from ..request import same_answer
+from ..results.store import ResultStore
+from ..models.tokens import target_ids
 
 FIELDS = ("prompt", "subject", "target_new", "ground_truth")
 CF_FIELDS = ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt",
@@ -662,7 +664,7 @@ def rank(lm: LoadedModel, candidates: list[dict]) -> tuple[list[dict], str]:
     """Candidates by the guard's collapse score, highest first, with "guard"; unchanged with "none" where the
     guard is not importable (requests it cannot read go last)."""
     try:
-        from .guard import key_features
+        from ..guard import key_features
     except ImportError:
         return list(candidates), "none"
     feats = key_features(lm, candidates) if candidates else pd.DataFrame(columns=["case_id", "score"])
@@ -718,13 +720,13 @@ def normal_cases(lm: LoadedModel, n: int, seed: int = 0, exclude=()) -> list[dic
 
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    """python -m editcollapse.hardedit: pattern, generation (offline / local / endpoint), validation, filter,
+    """python -m editcollapse.hardcases.hardedit: pattern, generation (offline / local / endpoint), validation, filter,
     dataset in CounterFact format."""
     import argparse
 
-    from . import load_model
+    from .. import load_model
 
-    p = argparse.ArgumentParser(prog="python -m editcollapse.hardedit", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m editcollapse.hardcases.hardedit", description=main.__doc__)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)
     p.add_argument("--hardcf", type=cli_path, default=None, help="HardCF source: a HardCF JSON or single-edit JSONL "

@@ -17,10 +17,10 @@ import weakref
 
 import torch
 
-from .errors import EditError
+from ..errors import EditError
 from .live import unedited
 from .nethook import Trace
-from .request import EditRequest
+from ..request import EditRequest
 from .tokens import subject_last_index
 
 _TEMPLATES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()

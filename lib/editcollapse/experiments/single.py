@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import data, metrics, perplexity
-from .editors import EditError, EditRequest, get_editor
-from .tokens import subject_last_index
-from .models import LoadedModel
-from .paths import atomic_write_text, data_dir, in_repo
-from .store import ResultStore, run_cases
+from .. import data
+
+from ..eval import metrics, perplexity
+from ..editors import EditError, EditRequest, get_editor
+from ..models.tokens import subject_last_index
+from ..models.loading import LoadedModel
+from ..paths import atomic_write_text, data_dir, in_repo
+from ..results.store import ResultStore, run_cases
 
 ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
 CASE_COLUMNS = ("case_id", "dataset", "subject", "prompt", "target_new", "ground_truth")
@@ -189,8 +191,8 @@ def downstream_rows(lm: LoadedModel, editor_name: str | None, case: dict | None,
 
     Rows (task, metric, value, n, case_id, status); the edit is undone afterwards.
     """
-    from . import downstream
-    from .editors import edited
+    from ..eval import downstream
+    from ..editors import edited
 
     tasks = tasks or downstream.TASKS
     if case is None:

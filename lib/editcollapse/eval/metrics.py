@@ -32,7 +32,7 @@ import math
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .tokens import target_ids
+from ..models.tokens import target_ids
 
 CASE_FIELDS = ("prompt", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
                "locality_ground_truth", "dataset")

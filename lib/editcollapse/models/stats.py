@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import load_wikitext
+from ..data import load_wikitext
 from .live import fingerprint, parameters_through, unedited
-from .models import LoadedModel
+from .loading import LoadedModel
 from .nethook import TraceDict
-from .paths import atomic_write_text, cache_dir
+from ..paths import atomic_write_text, cache_dir
 
 CORPORA = {"wikitext": load_wikitext}
 DEFAULT_N_TOKENS = None  # the whole corpus (~302k SmolLM2 tokens of WikiText-2): docs/stats_convergence.md

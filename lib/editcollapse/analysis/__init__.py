@@ -1,0 +1,1 @@
+"""Analyses: the pilot observation's statistics, key distributions (Fall of ROME)."""

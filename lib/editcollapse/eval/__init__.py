@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced scoring, edit metrics, ME-PPL perplexity, downstream tasks."""

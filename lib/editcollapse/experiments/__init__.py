@@ -1,0 +1,1 @@
+"""Experiments: single edits, sequential edits, sweeps on Ray."""

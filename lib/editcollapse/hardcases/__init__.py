@@ -1,0 +1,1 @@
+"""Hard cases: HardCF (collapse cases of CounterFact) and HardEdit (constructed)."""

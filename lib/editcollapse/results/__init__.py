@@ -1,0 +1,1 @@
+"""Results: the resumable store, queries and tables over it, shipped rows."""
