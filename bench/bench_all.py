@@ -27,7 +27,8 @@ from editcollapse.editors import EDITORS, EditRequest, get_editor
 from editcollapse.experiments.single import results_store, single_edit_sweep
 from editcollapse.guard import key_features
 from editcollapse.models.loading import DEFAULT_MODEL, load_model
-from editcollapse.eval.perplexity import length_sorted_batches, sentence_perplexities
+from editcollapse.eval.perplexity import sentence_perplexities
+from editcollapse.models.tokens import length_sorted_batches
 from editcollapse.models.stats import _batches, corpus_windows, second_moment, take_tokens
 
 ROWS: list[dict] = []

@@ -19,7 +19,8 @@ import torch
 from editcollapse import machine
 from editcollapse.data import load_me_ppl
 from editcollapse.models.loading import DEFAULT_MODEL, load_model
-from editcollapse.eval.perplexity import length_sorted_batches, sentence_perplexities
+from editcollapse.eval.perplexity import sentence_perplexities
+from editcollapse.models.tokens import length_sorted_batches
 
 
 def timed(fn, device) -> tuple[float, float]:

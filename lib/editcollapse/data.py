@@ -213,10 +213,6 @@ def load_dataset_known_1000() -> datasets.Dataset:
     return _builder("json", "known_1000", "known_1000.json")
 
 
-def load_known_1000() -> list[dict]:
-    return load_dataset_known_1000().to_list()
-
-
 # ---------------------------------------------------------------- downstream tasks
 def load_dataset_piqa() -> datasets.Dataset:
     """PIQA validation: goal, sol1, sol2 and label (from valid-labels.lst, line-aligned)."""

@@ -32,12 +32,6 @@ def cli_path(path: str) -> Path | str:
     return Path(path).expanduser().resolve() if path else path
 
 
-def results_dir() -> Path:
-    d = Path(os.environ.get("EDITCOLLAPSE_RESULTS", REPO_ROOT / "results"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def figures_dir() -> Path:
     """`figures/` of the repository (override with EDITCOLLAPSE_FIGURES)."""
     d = Path(os.environ.get("EDITCOLLAPSE_FIGURES", REPO_ROOT / "figures"))

@@ -1,4 +1,4 @@
-"""Run the notebooks headless with papermill: ``python -m editcollapse.reproduce --profile quick``.
+"""Run the notebooks headless with papermill: ``python -m editcollapse.cli.reproduce --profile quick``.
 
 Each ``notebooks/0*.ipynb`` runs in name order in the interpreter that runs this module (kernel
 ``python3``, which jupyter_client starts as ``sys.executable``), with ``notebooks/`` as working
@@ -8,7 +8,7 @@ section, then the section named after the notebook (e.g. ``01_pilot_observation`
 spaces, ``--set "n_zsre=2 editors=[rome, c-rome]"``; a parameter set twice is refused). ``common`` and
 ``--set`` keys go to the notebooks whose ``parameters`` cell declares them. A profile is the name of a file
 in ``notebooks/params/``, never a path. Before any notebook starts, every parameter of every selected
-notebook is checked against its schema (`parameter_schema`: type, range, choices such as the editors,
+notebook is checked against its schema (`params.parameter_schema`: type, range, choices such as the editors,
 models, devices and ME-PPL sizes that exist); a parameter without one (a notebook outside this repository)
 must have a type it has in the profiles or the parameters cells. Executed copies go to
 ``notebooks/executed/<profile>/``.
@@ -19,16 +19,11 @@ notebook's own output.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import functools
 import json
-import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from unittest.mock import patch
 
@@ -36,8 +31,9 @@ import nbformat
 import papermill
 import yaml
 
-from .results import shipped
+from .params import check_types, check_values, parameter_examples, parameter_schema
 from .paths import REPO_ROOT, atomic_write_text, in_repo
+from .results import shipped
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNEL = "python3"
@@ -63,244 +59,6 @@ def load_profile(name: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: section {section!r} must map parameter names to values, got {values!r}")
     return profile
-
-
-def split_assignments(text: str) -> list[str]:
-    """``"n=5 editors=[rome, c-rome]"`` -> ``["n=5", "editors=[rome, c-rome]"]``: splits at whitespace that is
-    outside brackets and quotes and followed by ``name=``; other whitespace belongs to the value."""
-    parts, start, depth, quote = [], 0, 0, None
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"" and text[:i].rstrip()[-1:] in ("", "=", "[", "{", ",", ":"):  # a YAML quoted scalar starts
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch.isspace() and depth <= 0 and re.match(r"\s+[A-Za-z_]\w*=", text[i:]):
-            parts.append(text[start:i])
-            start = i + 1
-    return [p.strip() for p in parts + [text[start:]] if p.strip()]
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["n_cases=5 editors=[rome, c-rome]"]`` -> {"n_cases": 5, "editors": ["rome", "c-rome"]} (YAML values).
-    A key given twice (in one ``--set`` or two) is an error."""
-    overrides, given = {}, {}
-    for item in items:
-        for pair in split_assignments(item):
-            key, sep, value = pair.partition("=")
-            if not sep or not key.isidentifier():
-                raise ValueError(f"--set expects key=value with a Python name as key, got {pair!r}")
-            if key in given:
-                raise ValueError(f"--set {key} is given twice ({given[key]}, then {pair}): set each parameter once")
-            given[key] = pair
-            try:
-                overrides[key] = yaml.safe_load(value)
-            except yaml.YAMLError as err:
-                raise ValueError(f"--set {key}: {value!r} is not a YAML value ({err})".replace("\n", " ")) from None
-    return overrides
-
-
-def parse_only(text: str) -> list[str]:
-    """``"01, 02"`` / ``"01,02"`` / ``"01 02"`` -> ``["01", "02"]``; an empty selection is an error."""
-    only = [x for x in re.split(r"[,\s]+", text) if x]
-    if not only:
-        raise ValueError(f"--only needs notebook numbers or names, e.g. 01,02 (got {text!r}); leave it out to run all")
-    return only
-
-
-def _kind(value) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def parameter_examples(notebooks_dir: Path, defaults: dict[str, dict]) -> dict[str, list]:
-    """{parameter: values it takes in any profile (``params/*.yaml``) or as a parameters-cell default}."""
-    examples: dict[str, list] = {}
-    for path in sorted((notebooks_dir / "params").glob("*.yaml")):
-        for section in (yaml.safe_load(path.read_text()) or {}).values():
-            for key, value in (section or {}).items():
-                examples.setdefault(key, []).append(value)
-    for params in defaults.values():
-        for key, info in params.items():
-            try:
-                examples.setdefault(key, []).append(ast.literal_eval(info["default"]))
-            except (ValueError, SyntaxError):  # an expression, not a literal: no type to compare with
-                pass
-    return examples
-
-
-def check_types(overrides: dict, examples: dict[str, list]) -> None:
-    """Refuse an override whose type (or list-element type) is none of those its parameter has elsewhere;
-    an int is accepted where a float is."""
-    def fits(value, kinds: set) -> bool:
-        return _kind(value) in kinds or (_kind(value) == "int" and "float" in kinds)
-
-    for key, value in overrides.items():
-        known = examples.get(key, [])
-        kinds = {_kind(v) for v in known}
-        items = {_kind(x) for v in known if isinstance(v, list) for x in v}
-        if kinds and not fits(value, kinds):
-            raise ValueError(f"--set {key}={value!r}: parameter {key!r} expects {' or '.join(sorted(kinds))} "
-                             f"(its values in the profiles and the parameters cells: {known}), "
-                             f"got the {_kind(value)} {value!r}")
-        if isinstance(value, list) and items and not all(fits(x, items) for x in value):
-            raise ValueError(f"--set {key}={value!r}: parameter {key!r} expects a list of "
-                             f"{' or '.join(sorted(items))} (as in {known}), got {value!r}")
-
-
-# ---------------------------------------------------------------- what each parameter accepts
-# A check takes a value and returns None when it fits, else what the parameter must be ("must be ...").
-Check = Callable[[object], str | None]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
-
-
-def _int_from(low: int, null: str = "") -> Check:
-    """An int >= low; with `null` (what null means), also null."""
-    def check(value):
-        if (value is None and null) or (_is_int(value) and value >= low):
-            return None
-        return f"must be an int >= {low}" + (f" or null ({null})" if null else "")
-    return check
-
-
-def _one_of(choices, what: str, null: str = "") -> Check:
-    """One of `choices` (of their type: 50.0 is not the int 50); with `null`, also null."""
-    def check(value):
-        if (value is None and null) or any(type(value) is type(c) and value == c for c in choices):
-            return None
-        return f"must be {what}, one of {', '.join(map(str, choices))}" + (f", or null ({null})" if null else "")
-    return check
-
-
-def _names(choices, what: str, empty: bool = True) -> Check:
-    """A list of distinct names among `choices` (non-empty unless `empty`)."""
-    def check(value):
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            return f"must be a list of {what} names ({', '.join(choices)})"
-        unknown = [x for x in value if x not in choices]
-        if unknown:
-            return f"lists unknown {what} names {unknown} (known: {', '.join(choices)})"
-        twice = sorted({x for x in value if value.count(x) > 1})
-        if twice:
-            return f"must list each {what} once, and lists {twice} more than once"
-        if not value and not empty:
-            return f"must list at least one {what} ({', '.join(choices)})"
-        return None
-    return check
-
-
-def _device(value):
-    if value is None or (isinstance(value, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", value)):
-        return None
-    return "must be cpu, cuda, cuda:<index>, mps, or null (CUDA when present)"
-
-
-def _text(what: str) -> Check:
-    def check(value):
-        return None if isinstance(value, str) and value.strip() else f"must be {what} (a non-empty string)"
-    return check
-
-
-def _model_path(value):
-    """A path in which ``{model}`` may stand for the model's name (the notebook calls ``.format(model=...)``)."""
-    try:
-        ok = isinstance(value, str) and bool(value.strip()) and bool(value.format(model="m"))
-    except (AttributeError, KeyError, IndexError, ValueError):
-        ok = False
-    return None if ok else "must be a path (a non-empty string), in which only {model} may stand in braces"
-
-
-def _flag_or_null(value):
-    return None if value is None or isinstance(value, bool) else "must be true, false or null"
-
-
-def _flag(value):
-    return None if isinstance(value, bool) else "must be true or false"
-
-
-def _number_above(low: float) -> Check:
-    def check(value):
-        return None if _is_number(value) and value > low else f"must be a number > {low:g}"
-    return check
-
-
-def _shares(value):
-    if isinstance(value, list) and value and all(_is_number(x) and 0 <= x <= 1 for x in value):
-        return None
-    return "must be a non-empty list of numbers between 0 and 1"
-
-
-def _lengths(value):
-    if (isinstance(value, list) and value and all(_is_int(x) and x >= 1 for x in value)
-            and len(set(value)) == len(value)):
-        return None
-    return "must be a non-empty list of distinct ints >= 1"
-
-
-def _items_per_task(tasks) -> Check:
-    def check(value):
-        if value is None or (_is_int(value) and value >= 1):
-            return None
-        if (isinstance(value, dict) and value and all(k in tasks for k in value)
-                and all(_is_int(n) and n >= 1 for n in value.values())):
-            return None
-        return (f"must be an int >= 1, a mapping {{task: int >= 1}} over the tasks {', '.join(tasks)}, "
-                "or null (the full sets)")
-    return check
-
-
-@functools.cache
-def parameter_schema() -> dict[str, Check]:
-    """{parameter: its check}, for every parameter of notebooks/0*.ipynb (a notebook's schema is the checks
-    of the names its parameters cell declares). Editors, models, tasks and ME-PPL sizes are those that exist."""
-    from .data import ME_PPL_FILES
-    from .eval.downstream import TASKS
-    from .editors import EDITORS
-    from .models.loading import REGISTRY
-
-    models, editors, sizes = list(REGISTRY), list(EDITORS), sorted(ME_PPL_FILES)
-    model, ppl = _one_of(models, "a model name"), _one_of(sizes, "an ME-PPL size")
-    return dict(
-        model=model, device=_device, seed=_int_from(0), results_dir=_text("a folder"),
-        n_cases=_int_from(1), n_ppl=ppl, n_edits=_int_from(1), n_downstream=_items_per_task(TASKS),
-        n_ppl_checkpoint=_one_of(sizes, "an ME-PPL size", null="no checkpoints"), n_checkpoints=_int_from(2),
-        downstream_at_start=_flag,
-        editors=_names(editors, "editor", empty=False), random_editors=_names(editors, "editor"),
-        n_counterfact=_int_from(0, null="all"), n_zsre=_int_from(0, null="all"), n_first_token=_int_from(0),
-        n_screen=_int_from(0), n_random=_int_from(1), downstream_tasks=_names(TASKS, "downstream task"),
-        mom2_tokens=_int_from(1, null="all of WikiText-2"), bos_model=_one_of(models, "a model name", null="skip"),
-        n_texts=_int_from(1), n_bos_cases=_int_from(1), c_tokens=_int_from(1, null="all of WikiText-2"),
-        c_seq_lens=_lengths, first_shares=_shares, n_c_cases=_int_from(1), second2first_model=model,
-        n_second2first=_int_from(1), guard_models=_names(models, "model"),
-        hardcf=_text("auto or the path of a HardCF"), offline_calls=_int_from(0), local_calls=_int_from(0),
-        endpoint_calls=_int_from(0), endpoint_timeout=_number_above(0), first_token=_flag_or_null,
-        max_subject_tokens=_int_from(1), n_filter=_int_from(0), n_ppl_filter=ppl, hardedit_path=_model_path,
-    )
-
-
-def check_values(params: dict[str, dict], overrides: dict, profile_name: str, schema: dict[str, Check]) -> None:
-    """Refuse, with every reason at once, the values of `params` ({notebook: {parameter: value}}) that do not
-    fit their parameter's check; each reason names the parameter and where its value came from."""
-    reasons = []
-    for stem, values in params.items():
-        for name, value in values.items():
-            why = schema[name](value) if name in schema else None
-            if why:
-                where = f"--set {name}={value!r}" if name in overrides else f"profile {profile_name!r}, {stem}"
-                reason = f"{where}: parameter {name!r} {why}, got the {_kind(value)} {value!r}"
-                if reason not in reasons:
-                    reasons.append(reason)
-    if reasons:
-        raise ValueError("; ".join(reasons))
 
 
 def notebook_parameters(profile: dict, stem: str, declared: set[str], overrides: dict) -> dict:
@@ -511,38 +269,3 @@ def _record_seconds(path: Path, stem: str, seconds: float) -> None:
     """{notebook: wall seconds of its last run} in `path`, this notebook's entry replaced."""
     seconds_by = json.loads(path.read_text()) if path.exists() else {}
     atomic_write_text(path, json.dumps({**seconds_by, stem: round(seconds, 1)}, indent=1))
-
-
-def _only_arg(text: str) -> list[str]:
-    try:
-        return parse_only(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m editcollapse.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="quick",
-                        help="a profile name: notebooks/params/<profile>.yaml (quick | paper), never a path")
-    parser.add_argument("--only", type=_only_arg,
-                        help="notebook numbers or names separated by commas or spaces, e.g. 01,02")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override parameters (YAML values), e.g. --set model=llama2-7b or "
-                             "--set \"n_zsre=2 editors=[rome, c-rome]\"; repeatable")
-    parser.add_argument("--recompute", action="store_true",
-                        help="do not start from the rows shipped for the profile (data/results/<profile>/)")
-    args = parser.parse_args(argv)
-    try:
-        timings = run(args.profile, args.only, parse_overrides(args.overrides), recompute=args.recompute)
-    except (NotebookError, ValueError) as err:
-        sys.exit(f"reproduce: {err}")
-    width = max(len(stem) for stem, _ in timings)
-    print(f"\nprofile {args.profile}: wall time per notebook")
-    for stem, seconds in timings:
-        print(f"  {stem:<{width}}  {seconds:8.1f} s")
-    print(f"  {'total':<{width}}  {sum(s for _, s in timings):8.1f} s")
-
-
-if __name__ == "__main__":
-    main()

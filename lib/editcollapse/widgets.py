@@ -24,6 +24,7 @@ from .eval import metrics, perplexity
 from .editors import EDITORS, EditRequest, get_editor
 from .models.keys import context_templates
 from .models.loading import DEFAULT_MODEL, REGISTRY, LoadedModel, load_model
+from .results.labels import COLLAPSE_THRESHOLD
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
 GUARDED = ("rome", "c-rome", "c-rome-prefix", "memit")  # editors whose keys the guard reads
@@ -43,7 +44,7 @@ class ExplorerSession:
 
     model_name: str = DEFAULT_MODEL
     ppl_size: int = 50
-    threshold: float = perplexity.COLLAPSE_THRESHOLD
+    threshold: float = COLLAPSE_THRESHOLD
     lm: LoadedModel | None = None
     result: object | None = None
     report: dict | None = None  # the live edit's report
@@ -129,13 +130,12 @@ class ExplorerSession:
         text = prompt.replace("{}", subject)
         before = self.predictions(text)
         ed = get_editor(editor)
-        timed = ed.timed
 
-        def announced(phase):  # the editor's own phases, as they start
-            progress(4, total, f"{ed.name}: {PHASES.get(phase, phase)}")
-            return timed(phase)
+        def announce(phase, started):  # the editor's own phases, as they start
+            if started:
+                progress(4, total, f"{ed.name}: {PHASES.get(phase, phase)}")
 
-        ed.timed = announced
+        ed.on_phase(announce)
         progress(4, total, f"{ed.name}: editing")
         t = time.perf_counter()
         self.result = ed.apply(self.lm, request)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from editcollapse.data import load_me_ppl
-from editcollapse.eval.perplexity import is_collapsed, sentence_perplexities
+from editcollapse.eval.perplexity import sentence_perplexities
+from editcollapse.results.labels import is_collapsed
 
 pytestmark = pytest.mark.integration
 

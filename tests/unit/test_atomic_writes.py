@@ -7,12 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from editcollapse import data, guard, paths
+from editcollapse import data, paths
 
-from editcollapse.experiments import single
-
-from editcollapse.hardcases import hardedit
-from editcollapse.editors import mend
+from editcollapse.hardcases import hardcf, hardedit
+from editcollapse.cli import mend
 
 LIB = Path(paths.__file__).parent
 # every module of the library and every bench, but the helper itself and the results store (an append-only
@@ -56,7 +54,7 @@ def test_hardcf_writes_atomically(tmp_path, dying_rename):
     case = data.load_counterfact(n=1, seed=0)[0]
     rows = pd.DataFrame([dict(case_id=case["case_id"], dataset="counterfact", ppl=5000.0, model="m", editor="rome",
                               first_token=True)])
-    check_untouched(tmp_path / "hardcf.json", lambda: single.hardcf(rows, tmp_path / "hardcf.json"))
+    check_untouched(tmp_path / "hardcf.json", lambda: hardcf.sweep_hardcf(rows, tmp_path / "hardcf.json"))
 
 
 def test_write_hardcf_writes_atomically(tmp_path, dying_rename):
@@ -64,8 +62,8 @@ def test_write_hardcf_writes_atomically(tmp_path, dying_rename):
     confirmed = pd.DataFrame([dict(case_id=case["case_id"], label=True, ppl=5000.0, denominator=0.1,
                                    denominator_raw=0.05, score=3.0, first_token=True, stratum="flagged")])
     meta = dict(model="m", editor="rome")
-    check_untouched(tmp_path / "h.json", lambda: guard.write_hardcf(tmp_path / "h.json", confirmed,
-                                                                   {case["case_id"]: case}, meta))
+    check_untouched(tmp_path / "h.json", lambda: hardcf.write_hardcf(tmp_path / "h.json", confirmed,
+                                                                    {case["case_id"]: case}, meta))
 
 
 def test_write_hardedit_writes_atomically(tmp_path, dying_rename):

@@ -22,7 +22,7 @@ FAST = dict(hparams=dict(v_num_grad_steps=2, context_template_length_params=((4,
 TIMING = ("seconds_edit", "seconds_total", "seconds_step")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need KillOnce below
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -39,7 +39,8 @@ def comparable(df, drop=()):
     return df[sorted(df.columns)]
 
 
-def test_every_case_once_and_the_rows_of_one_process(tiny_models, tmp_path):
+@pytest.mark.slow
+def test_every_case_once_and_the_rows_of_one_process(local_ray, tiny_models, tmp_path):
     job = SingleEdit("rome", editor_kwargs=FAST)
     store = results_store(tmp_path, "ray")
     assert ray_sweep(job, "tiny-llama", cases(), store, workers=2, progress=False) == 6
@@ -79,7 +80,8 @@ class KillOnce(SingleEdit):
         return super().rows(lm, items)
 
 
-def test_a_worker_killed_mid_run_loses_nothing(tmp_path):
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_nothing(local_ray, tmp_path):
     victim = cases()[3]["case_id"]
     job = KillOnce("rome", editor_kwargs=FAST, victim=victim, marker=str(tmp_path / "killed"))
     store = results_store(tmp_path, "ray")
@@ -90,7 +92,8 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path):
     assert len(store.path.read_text().splitlines()) == 6  # no line written twice
 
 
-def test_sequential_runs_and_guard_screen_give_the_single_process_rows(tiny_models, tmp_path):
+@pytest.mark.slow
+def test_sequential_runs_and_guard_screen_give_the_single_process_rows(local_ray, tiny_models, tmp_path):
     seqs = [dict(editor="rome", run="a", cases=cases(3)), dict(editor="c-rome", run="b", cases=cases(2))]
     store = sequential_store(tmp_path, "seq")
     assert ray_sweep(SequentialRuns(), "tiny-llama", seqs, store, workers=2, progress=False) == 4 + 3

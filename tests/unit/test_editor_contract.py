@@ -6,9 +6,9 @@ refusals and failures into rows with `error` set.
 """
 import functools
 import signal
+from dataclasses import fields
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -88,6 +88,32 @@ def test_apply_then_undo_is_bit_identical_with_the_common_diagnostics(lm, name):
         assert all(isinstance(v, (bool, int, float, str)) for v in result.scalars().values())
         assert result.seconds["total"] > 0
     assert identical(lm, before) and result.undone
+
+
+@pytest.mark.parametrize("name", EDITORS)
+def test_settings_are_declared_checked_in_one_place_and_every_preset_holds(name):
+    """Every field of an editor's settings has a Spec; each refuses a wrong value, naming the class and the field."""
+    ed = get_editor(name)
+    cls = ed.hyperparams
+    assert issubclass(cls, base.HyperParams) and ed.presets
+    for preset in ed.presets.values():
+        cls(**preset)
+    for f in fields(cls):
+        assert isinstance(f.metadata.get("spec"), base.Spec), f"{cls.__name__}.{f.name} has no spec"
+        with pytest.raises(EditError, match=rf"^{cls.__name__}\.{f.name} must be"):
+            get_editor(name, hparams={f.name: "x"})
+
+
+@pytest.mark.parametrize("name", EDITORS)
+def test_phase_callbacks_see_every_timed_phase_start_and_end(tiny_models, name):
+    lm, calls = tiny_models("tiny-llama"), []
+    ed = editor(name)
+    ed.on_phase(lambda phase, started: calls.append((phase, started)))
+    with edited(lm, REQ, ed) as result:
+        pass
+    assert calls and calls[0::2] == [(phase, True) for phase, _ in calls[0::2]]
+    assert calls[1::2] == [(phase, False) for phase, _ in calls[0::2]]
+    assert {phase for phase, _ in calls} == set(result.seconds) - {"total"}
 
 
 @pytest.mark.parametrize("name", EDITORS)

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from editcollapse.hardcases import hardedit as he
+from editcollapse.hardcases.endpoint import EndpointGenerator
+from editcollapse.hardcases.validate import validate
 
 LIFETIME = 120.0  # seconds the server lives at most
 CF = [dict(case_id=0, prompt="Berlin is the capital of", subject="Berlin", target_new="Italy", ground_truth="Germany")]
@@ -134,12 +135,12 @@ def server():
 
 def endpoint(url, waits=None, **kw):
     kw.setdefault("timeout", 30.0)
-    return he.EndpointGenerator(url, "test-model", subjects=["Mango", "Thunder"], sleep=(
+    return EndpointGenerator(url, "test-model", subjects=["Mango", "Thunder"], sleep=(
         waits.append if waits is not None else lambda s: pytest.fail(f"slept {s} s")), **kw)
 
 
 def reason(g):
-    _, dropped = he.validate([g], counterfact=CF)
+    _, dropped = validate([g], counterfact=CF)
     return list(dropped.reason)
 
 
@@ -231,7 +232,7 @@ def test_content_parts_are_text(server):
     text = json.dumps([SAMPLE])
     parts = [{"type": "text", "text": text[:20]}, {"type": "text", "text": text[20:]}]
     g = endpoint(server.route(answer(parts))).ask("p")
-    cands, dropped = he.validate([g], counterfact=CF)
+    cands, dropped = validate([g], counterfact=CF)
     assert dropped.empty and [c["subject"] for c in cands] == ["Mango"]
 
 
@@ -241,7 +242,7 @@ def test_generate_survives_mixed_contents_and_keeps_the_good_ones(server):
     url = server.route(answer(json.dumps([s[0]])), answer(7), answer(float("nan")),
                        answer([{"type": "text", "text": json.dumps([s[1]])}]), answer(json.dumps([s[2]])))
     gens = endpoint(url).generate(5)
-    cands, dropped = he.validate(gens, counterfact=CF)
+    cands, dropped = validate(gens, counterfact=CF)
     assert [c["subject"] for c in cands] == ["Mango0", "Mango1", "Mango2"]
     assert list(dropped.reason) == ["bad_content", "bad_content"] and list(dropped.generation) == [1, 2]
 
@@ -251,8 +252,8 @@ def test_bad_settings_are_refused():
                      (dict(timeout="5"), "timeout"), (dict(max_retries=-1), "max_retries"),
                      (dict(backoff=-1.0), "backoff"), (dict(max_wait=float("inf")), "max_wait")):
         with pytest.raises(ValueError, match=what):
-            he.EndpointGenerator("http://127.0.0.1:9", "m", subjects=["a"], **kw)
-    assert he.EndpointGenerator("http://127.0.0.1:9", "m", subjects=["a"], backoff=0, max_wait=0).backoff == 0.0
+            EndpointGenerator("http://127.0.0.1:9", "m", subjects=["a"], **kw)
+    assert EndpointGenerator("http://127.0.0.1:9", "m", subjects=["a"], backoff=0, max_wait=0).backoff == 0.0
 
 
 def test_connection_refused_is_a_failed_call():

@@ -1,7 +1,6 @@
 """The collapse guard on tiny random models: features equal the editor's, refusals leave the model untouched."""
 import json
 import math
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -9,9 +8,11 @@ import pytest
 import torch
 
 from editcollapse import guard
-from editcollapse.editors import ROME, EditError, EditRequest, edited, live_edits
+from editcollapse.cli import guard as guard_cli
+from editcollapse.editors import FT, ROME, EditError, EditRequest, edited, live_edits
 from editcollapse.editors.memit import MEMIT
-from editcollapse.models.keys import edit_keys
+from editcollapse.hardcases import hardcf
+from editcollapse.models.keys import context_keys, edit_keys
 from editcollapse.models.stats import second_moment
 from tests.weights import snapshot, identical
 
@@ -32,7 +33,7 @@ def test_batched_keys_equal_the_editors_keys(tiny_models, arch):
     a request the editor refuses gets an error and does not shift the others."""
     lm = tiny_models(arch)
     site = guard.key_site(lm, ROME(hparams=FAST))
-    keys, positions, errors = guard.context_keys(lm, REQS, site)
+    keys, positions, errors = context_keys(lm, REQS, site)
     assert [e is None for e in errors] == [True, True, False, True] and "part of a word" in errors[2]
     K = keys[site.layers[0]]
     assert K.shape[:2] == (3, len(site.contexts))
@@ -90,7 +91,7 @@ def test_score_is_monotone_in_the_denominator(tiny_models):
     assert s[3] == pytest.approx(-math.log(0.04))
     lm = tiny_models("tiny-llama")
     site = guard.key_site(lm, ROME(hparams=FAST))
-    K = guard.context_keys(lm, [REQS[0]], site)[0][site.layers[0]][0].double()
+    K = context_keys(lm, [REQS[0]], site)[0][site.layers[0]][0].double()
     k_bar, k_u = K.mean(0), K[0]
     u_hat = k_bar / k_bar.norm()
     dens, scores = [], []
@@ -150,6 +151,16 @@ def test_prefix_switch_for_memit(tiny_models):
     assert identical(lm, before)
 
 
+def test_the_editor_says_where_its_keys_are(tiny_models):
+    """ROME, C-ROME and MEMIT name their key site; an editor that is not key-based is refused with a clear error."""
+    lm = tiny_models("tiny-gpt2")
+    assert guard.key_site(lm, ROME(hparams=FAST)).consistent is False
+    assert guard.key_site(lm, ROME(consistent=True, hparams=FAST)).consistent is True
+    assert guard.key_site(lm, MEMIT()).layers == MEMIT().hparams_for(lm).layers
+    with pytest.raises(EditError, match="has no key_site"):
+        guard.Guarded(FT(), "refuse", threshold=ALWAYS).apply(lm, REQS[0])
+
+
 def test_calibrate_and_evaluate_by_hand():
     scores, labels = [0.0, 1.0, 2.0, 3.0, 4.0], [0, 0, 1, 0, 1]
     t = guard.calibrate(scores, labels)  # F2: flag {2,3,4} (p 2/3, r 1) beats {4} (p 1, r 1/2)
@@ -166,13 +177,13 @@ def test_calibrate_and_evaluate_by_hand():
 
 def test_confirmation_plan_and_recall_by_hand():
     screened = pd.DataFrame(dict(case_id=range(10), score=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0], error=None))
-    plan = guard.confirmation_plan(screened, threshold=6.5, n_margin=2, random_ids=[7, 9])
+    plan = hardcf.confirmation_plan(screened, threshold=6.5, n_margin=2, random_ids=[7, 9])
     assert plan.set_index("case_id").stratum.to_dict() == {0: "flagged", 1: "flagged", 2: "flagged", 3: "margin",
                                                           4: "margin", 5: "rest", 6: "rest", 7: "rest", 8: "rest",
                                                           9: "rest"}
     assert sorted(plan[plan.edit].case_id) == [0, 1, 2, 3, 4, 7, 9]
     measured = pd.DataFrame(dict(case_id=[0, 1, 2, 3, 4, 7, 9], label=[True, True, False, True, False, True, False]))
-    r = guard.recall_estimate(plan, measured)
+    r = hardcf.recall_estimate(plan, measured)
     # caught 2; missed: 1 in the margin + (1 of 2 sampled) × 5 in the rest = 3.5
     assert r["caught"] == 2 and r["missed_estimate"] == pytest.approx(3.5)
     assert r["recall"] == pytest.approx(2 / 5.5) and r["precision"] == pytest.approx(2 / 3)
@@ -190,15 +201,15 @@ def test_sweep_missing_reuses_edits_of_every_store(tiny_models, tmp_path):
     lm = tiny_models("tiny-llama")
     cases = data.load_counterfact(n=2, seed=0)
     sweep = dict(experiment="single_edit_ppl50", ppl_size=50, editor_kwargs=dict(hparams=FAST))
-    first = guard.sweep_missing(lm, "rome", cases[:1], results_store(tmp_path, "single_edit"), results_dir=tmp_path,
+    first = hardcf.sweep_missing(lm, "rome", cases[:1], results_store(tmp_path, "single_edit"), results_dir=tmp_path,
                                 **sweep)
-    second = guard.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_confirm"), results_dir=tmp_path,
+    second = hardcf.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_confirm"), results_dir=tmp_path,
                                  **sweep)
     assert (first, second) == (1, 1)
-    rows = guard.edit_rows(tmp_path)
+    rows = hardcf.edit_rows(tmp_path)
     assert sorted(rows.case_id) == sorted(c["case_id"] for c in cases) and rows.error.isna().all()
     assert len(results_store(tmp_path, "guard_confirm").read()) == 1
-    assert guard.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_eval"), results_dir=tmp_path,
+    assert hardcf.sweep_missing(lm, "rome", cases, results_store(tmp_path, "guard_eval"), results_dir=tmp_path,
                                **sweep) == 0
 
 
@@ -236,7 +247,7 @@ def test_a_score_that_is_not_a_number_is_flagged(tiny_models, monkeypatch):
 
 
 def test_cli_writes_under_results_by_default(tiny_models, tmp_path, monkeypatch):
-    """`python -m editcollapse.guard` writes its summary under --results, never into the shipped data/hardcf."""
+    """`python -m editcollapse.cli.guard` writes its summary under --results, never into the shipped data/hardcf."""
     from pathlib import Path
 
     from editcollapse import data, paths
@@ -245,8 +256,9 @@ def test_cli_writes_under_results_by_default(tiny_models, tmp_path, monkeypatch)
     monkeypatch.setattr(data, "load_counterfact", lambda n=None, seed=0: cf[:n] if n else list(cf))
     repo = lambda p: Path(p) if Path(p).is_absolute() else tmp_path / "repo" / p  # noqa: E731
     monkeypatch.setattr(paths, "in_repo", repo)
-    monkeypatch.setattr(guard, "in_repo", repo, raising=False)
-    guard.main(["--model", "tiny-llama", "--results", str(tmp_path / "results"), "--no-screen", "--n-first", "0",
+    monkeypatch.setattr(hardcf, "in_repo", repo)
+    monkeypatch.setattr(guard_cli, "in_repo", repo)
+    guard_cli.main(["--model", "tiny-llama", "--results", str(tmp_path / "results"), "--no-screen", "--n-first", "0",
                 "--n-labelled", "1"])
     assert not (tmp_path / "repo").exists()
     summary = json.loads((tmp_path / "results" / "hardcf" / "tiny-llama.summary.json").read_text())

@@ -26,11 +26,11 @@ HOSTILE = [
 ]
 # variable -> (make target, the arguments the command gets for value v; None: v is split into words)
 ONE_ARGUMENT = {
-    "PROFILE": ("reproduce", lambda v: ["-m", "editcollapse.reproduce", "--profile", v]),
-    "ONLY": ("reproduce", lambda v: ["-m", "editcollapse.reproduce", "--profile", "quick", "--only", v]),
-    "SET": ("reproduce", lambda v: ["-m", "editcollapse.reproduce", "--profile", "quick", "--set", v]),
-    "MODEL": ("train-mend", lambda v: ["-m", "editcollapse.editors.mend", "train", "--model", v, "--profile", "quick"]),
-    "STEPS": ("train-mend", lambda v: ["-m", "editcollapse.editors.mend", "train", "--model", "smollm2-135m",
+    "PROFILE": ("reproduce", lambda v: ["-m", "editcollapse.cli.reproduce", "--profile", v]),
+    "ONLY": ("reproduce", lambda v: ["-m", "editcollapse.cli.reproduce", "--profile", "quick", "--only", v]),
+    "SET": ("reproduce", lambda v: ["-m", "editcollapse.cli.reproduce", "--profile", "quick", "--set", v]),
+    "MODEL": ("train-mend", lambda v: ["-m", "editcollapse.cli.mend", "train", "--model", v, "--profile", "quick"]),
+    "STEPS": ("train-mend", lambda v: ["-m", "editcollapse.cli.mend", "train", "--model", "smollm2-135m",
                                        "--profile", "quick", "--steps", v]),
 }
 SPLIT = {  # several arguments, split as a shell splits words (shlex), nothing expanded

@@ -6,9 +6,9 @@ import torch
 
 from editcollapse import data
 from editcollapse.editors import MEND, EditError, EditRequest, edited
-from editcollapse.editors.ft import target_batch
 from editcollapse.editors.mend import (MENDCheckpoint, MENDNet, PRESETS, gradient_factors, held_out_cases, in_out,
                                        mlp_weights, train, validate)
+from editcollapse.eval.scoring import pack, target_pairs
 from editcollapse.models.nethook import get_module
 from tests.weights import snapshot, identical
 
@@ -34,7 +34,7 @@ def trained(tiny_models):
 def test_the_update_is_a_sum_of_rank_one_outer_products_of_the_transformed_factors(tiny_models, trained, arch):
     """ΔW = −η Σ_i δ̃_i ũ_iᵀ over the N tokens of the edit, so rank ΔW ≤ N."""
     lm, ckpt = tiny_models(arch), trained[arch]
-    b = target_batch(lm, [REQ.prompt], [REQ.target_new])
+    b = pack(lm, target_pairs(lm, [REQ.prompt], [REQ.target_new]))
     factors, _ = gradient_factors(lm, ckpt.net.names, b)
     n_tokens = int(b.mask.sum())
     with edited(lm, REQ, MEND(checkpoint=ckpt)) as result:
@@ -63,7 +63,7 @@ def test_an_untrained_mend_with_unit_normalisation_takes_a_plain_gradient_step(t
     ckpt = MENDCheckpoint(net, dict(model=lm.spec.name, hparams=hp, steps=0, created="now",
                                     shapes={m: list(s) for m, s in net.shapes.items()}))
     weights = [lm.model.get_parameter(m + ".weight") for m in modules]
-    b = target_batch(lm, [REQ.prompt], [REQ.target_new])
+    b = pack(lm, target_pairs(lm, [REQ.prompt], [REQ.target_new]))
     for w in weights:
         w.requires_grad_(True)
     try:

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from editcollapse.eval.metrics import (edit_metrics, locality_reference, predict_next, target_ids, target_nll,
-                                  target_token_acc, with_prefix)
+from editcollapse.eval.metrics import (edit_metrics, locality_reference, predict_next, target_nll, target_token_acc,
+                                       with_prefix)
 from editcollapse.models.loading import load_model
+from editcollapse.models.tokens import target_ids
 from editcollapse.models.nethook import get_module
 from tests.device import DEVICE
 

@@ -33,6 +33,7 @@ def test_bos_rule(tiny_models):
     assert (batch["input_ids"][:, 0] == with_bos.tok.bos_token_id).all()
 
 
+@pytest.mark.slow
 def test_unknown_model_and_unreachable_hub_model(monkeypatch):
     with pytest.raises(ModelLoadError, match="unknown model 'gpt5'.*smollm2-135m"):
         load_model("gpt5")

@@ -8,8 +8,9 @@ import torch
 
 from editcollapse.data import load_me_ppl
 from editcollapse.models.loading import LoadedModel
-from editcollapse.eval.perplexity import (collapse_report, is_collapsed, length_sorted_batches, me_ppl,
-                                     sentence_perplexities)
+from editcollapse.eval.perplexity import collapse_report, me_ppl, sentence_perplexities
+from editcollapse.models.tokens import length_sorted_batches
+from editcollapse.results.labels import is_collapsed
 
 TEXTS = ["The capital of France is Paris, a city on the Seine.",
          "Danielle Darrieux",
@@ -94,12 +95,6 @@ def test_misleading_inputs_get_clear_errors(tiny_models, monkeypatch):
         sentence_perplexities(lm, [None], progress=False)
     with pytest.raises(ValueError, match=r"2 of 3 are not, the first is texts\[1\] = 5 \(int\)"):
         sentence_perplexities(lm, ["Paris is nice", 5, b"bytes"], progress=False)
-    for bad in (None, [None], [1.0, None], "5", [True], {"ppl": 5.0}):
-        with pytest.raises(ValueError, match="is_collapsed needs a perplexity or an array of them"):
-            is_collapsed(bad)
-    for threshold in (None, "1000", float("nan"), 0.5, True):
-        with pytest.raises(ValueError, match="threshold must be a perplexity"):
-            is_collapsed(5.0, threshold=threshold)
     for size in ("50", 50.0, True, 100, None):
         with pytest.raises(ValueError, match=rf"size must be one of the ints 50, 1000, 10000 .*not {size!r:.4}"):
             me_ppl(lm, size=size, progress=False)
@@ -109,12 +104,7 @@ def test_misleading_inputs_get_clear_errors(tiny_models, monkeypatch):
     assert asked == [50] and type(asked[0]) is int
 
 
-def test_collapse_flags():
-    assert not is_collapsed(999.0) and not is_collapsed(1000.0) and is_collapsed(1000.5)
-    assert is_collapsed(float("inf")) and is_collapsed(float("nan"))
-    assert is_collapsed([10.0, 2e3, np.nan], threshold=100).tolist() == [False, True, True]
-    with pytest.raises(ValueError, match=">= 1"):
-        is_collapsed(0.5)
+def test_collapse_report():
     rep = collapse_report(5000.0, 50.0)
     assert rep == dict(ppl=5000.0, ratio=100.0, collapsed=True)
     assert collapse_report(150.0, 50.0, threshold=100.0)["collapsed"]

@@ -16,6 +16,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from editcollapse import reproduce
+from editcollapse.params import parse_overrides
 from editcollapse.paths import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
@@ -127,11 +128,11 @@ def test_parameters_merge_common_section_and_overrides():
 
 
 def test_overrides_are_parsed_as_yaml():
-    got = reproduce.parse_overrides(["n=5", "editors=[rome, c-rome]", "device=null", "model=llama2-7b", "x=0.5"])
+    got = parse_overrides(["n=5", "editors=[rome, c-rome]", "device=null", "model=llama2-7b", "x=0.5"])
     assert got == {"n": 5, "editors": ["rome", "c-rome"], "device": None, "model": "llama2-7b", "x": 0.5}
     for bad in ["n5", "=3", "a-b=1"]:
         with pytest.raises(ValueError, match="key=value"):
-            reproduce.parse_overrides([bad])
+            parse_overrides([bad])
 
 
 def test_profiles_and_notebooks_are_found_by_name(tmp_path):

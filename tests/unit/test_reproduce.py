@@ -12,9 +12,10 @@ import papermill
 import pytest
 
 from editcollapse import reproduce
+from editcollapse.cli.reproduce import main, parse_only
+from editcollapse.params import check_types, parameter_examples, parameter_schema, parse_overrides
 from editcollapse.paths import REPO_ROOT
-from editcollapse.reproduce import (NotebookError, check_types, find_notebooks, main, parse_only, parse_overrides,
-                                    run, strip_progress)
+from editcollapse.reproduce import NotebookError, find_notebooks, run, strip_progress
 
 
 def test_set_values_may_hold_spaces_and_several_pairs():
@@ -63,14 +64,14 @@ def test_the_makefile_passes_set_and_only_as_written(tmp_path, monkeypatch):
     subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "reproduce", f"PY={fake}", f"STAMP={tmp_path / 'stamp'}",
                     "SET=editors=[rome, c-rome] n_zsre=2", "ONLY=01, 02"], check=True, env=env)
     argv = argv_file.read_text().splitlines()
-    assert argv[:2] == ["-m", "editcollapse.reproduce"]
+    assert argv[:2] == ["-m", "editcollapse.cli.reproduce"]
     calls = []
     monkeypatch.setattr(reproduce, "run", lambda *a, **k: calls.append(a) or [("01_x", 1.0)])
     main(argv[2:])
     assert calls == [("quick", ["01", "02"], {"editors": ["rome", "c-rome"], "n_zsre": 2})]
     subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "reproduce", f"PY={fake}", f"STAMP={tmp_path / 'stamp'}"],
                    check=True, env=env)
-    assert argv_file.read_text().splitlines() == ["-m", "editcollapse.reproduce", "--profile", "quick"]
+    assert argv_file.read_text().splitlines() == ["-m", "editcollapse.cli.reproduce", "--profile", "quick"]
 
 
 BAD_ARGUMENTS = [  # (command line, what the refusal must name)
@@ -151,7 +152,7 @@ def test_every_profile_and_good_overrides_are_accepted():
 
 def test_the_schema_covers_every_parameter_of_the_notebooks():
     declared = set().union(*(papermill.inspect_notebook(str(p)) for p in find_notebooks()))
-    assert set(reproduce.parameter_schema()) == declared
+    assert set(parameter_schema()) == declared
 
 
 def test_a_bad_value_in_a_profile_names_profile_and_notebook(tmp_path):
@@ -168,7 +169,7 @@ def test_a_bad_value_in_a_profile_names_profile_and_notebook(tmp_path):
 
 def test_a_parameter_without_a_schema_keeps_the_types_it_has_elsewhere():
     """Notebooks outside this repository: the types of the parameter's values in the profiles and cells."""
-    check_types(dict(n_downstream=None, device=None, n_zsre=None, editors=[], seed=1), reproduce.parameter_examples(
+    check_types(dict(n_downstream=None, device=None, n_zsre=None, editors=[], seed=1), parameter_examples(
         reproduce.NOTEBOOKS_DIR, {p.stem: papermill.inspect_notebook(str(p)) for p in find_notebooks()}))
     check_types(dict(lr=1), {"lr": [0.5]})  # an int where a float goes
     with pytest.raises(ValueError, match=r"--set n='x': parameter 'n' expects int \(.*\), got the str 'x'"):

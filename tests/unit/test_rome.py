@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from editcollapse.editors import ROME, EditError, EditRequest, edited, get_editor
-from editcollapse.editors.rome import PRESETS, ROMEHyperParams
+from editcollapse.editors.rome import PRESETS
 from editcollapse.editors import vstar
 from editcollapse.editors.vstar import compute_v_star
 from editcollapse.models.keys import context_templates, keys_and_values

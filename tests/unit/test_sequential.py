@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from editcollapse import data
-from editcollapse.editors import live_edits
-from editcollapse.experiments.sequential import DOWNSTREAM_KEY, param_change, sequential_run, sequential_store
+from editcollapse.editors import get_editor, live_edits
+from editcollapse.experiments.sequential import (DOWNSTREAM_KEY, param_change, sequential_run, sequential_runs,
+                                                 sequential_store)
 from tests.weights import snapshot, identical
 
 FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
@@ -174,3 +175,28 @@ def test_checkpoints_hold_the_larger_perplexity_and_a_complete_run_needs_no_stat
         f.unlink()
     assert sequential_run(lm, "rome", cases(2), sequential_store(tmp_path, "seq"), **kw) == 0
     assert len(sequential_store(tmp_path, "seq").read()) == 3
+
+
+def test_every_editor_runs_every_sequence_with_downstream_and_checkpoints_where_asked(tiny_models, tmp_path, monkeypatch):
+    """sequential_runs passes each run its settings (downstream at the last step, and the first with
+    downstream_at_start; evenly spaced checkpoints), skips empty runs and returns these runs' steps."""
+    from editcollapse.experiments import sequential
+
+    lm = tiny_models("tiny-llama")
+    calls, real = [], sequential.sequential_run
+    monkeypatch.setattr(sequential, "sequential_run", lambda lm, editor, seq, store, **kw: calls.append(
+        (editor, kw["run"], len(seq), kw["downstream_steps"], list(kw["checkpoint_steps"]), kw["checkpoint_ppl_size"])))
+    sequential_runs(lm, ["rome", "memit"], {"hard": cases(4), "none": [], "normal": cases(2)}, sequential_store(tmp_path),
+                    downstream_at_start=True, checkpoint_ppl_size=1000, n_checkpoints=3)
+    assert calls == [("rome", "hard", 4, (0, 4), [0, 2, 4], 1000), ("rome", "normal", 2, (0, 2), [0, 1, 2], 1000),
+                     ("memit", "hard", 4, (0, 4), [0, 2, 4], 1000), ("memit", "normal", 2, (0, 2), [0, 1, 2], 1000)]
+    calls.clear()
+    sequential_runs(lm, ["rome"], {"r": cases(2)}, sequential_store(tmp_path), experiment="x")
+    assert calls == [("rome", "r", 2, (2,), [], 1000)]
+    monkeypatch.setattr(sequential, "sequential_run", real)
+    store = sequential_store(tmp_path, "seq")
+    rome = get_editor("rome", hparams=FAST)
+    steps = sequential_runs(lm, [rome], {"a": cases(2), "b": cases(1)}, store, state_dir=tmp_path / "state")
+    assert list(zip(steps.run, steps.step)) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+    assert (steps.ppl_size == 50).all() and len(store.read()) == 5
+

@@ -1,5 +1,5 @@
 """The append-only JSONL results store: resume after a kill, keys, conversion, read(), bad lines kept,
-one writer (file lock), shards; property-based tests (hypothesis) for truncation and garbage."""
+one writer (file lock); property-based tests (hypothesis) for truncation and garbage."""
 import json
 import math
 import subprocess
@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from editcollapse.results.store import ResultStore, StoreError, StoreLocked, merge_shards, run_cases, shard_of
+from editcollapse.results.store import ResultStore, StoreError, StoreLocked, run_cases
 
 KEY = ("experiment", "model", "case_id")
 
@@ -233,8 +233,6 @@ def test_a_second_writer_fails_at_once(tmp_path):
         assert calls == []  # it failed before any work
         with pytest.raises(StoreLocked, match=str(holder.pid)):
             store.append(dict(id=1))
-        with pytest.raises(StoreLocked, match=str(holder.pid)):
-            merge_shards(store)
     assert run_cases(store, range(3), lambda i: {}, lambda i: i) == 2  # the lock died with its holder
     assert path.read_text().count("\n") == 3
 
@@ -249,29 +247,6 @@ def test_stores_of_one_process_share_the_lock_and_see_each_other(tmp_path):
     a.close()
     b.close()
     assert (tmp_path / "res.jsonl").read_text().splitlines() == ['{"id": 1}', '{"id": 2}', '{"id": 3}']
-
-
-# ---------------------------------------------------------------- shards
-def test_shards_cover_the_sweep_once_and_merge_without_duplicates(tmp_path):
-    main = ResultStore(tmp_path / "res.jsonl", ("id",))
-    main.append(dict(id=5, v=-1))  # already done before the sharded run: not redone
-    items, n = list(range(40)), 3
-    calls = {i: [] for i in range(n)}
-    for i in range(n):
-        run_cases(main, items, lambda x, i=i: calls[i].append(x) or dict(v=x), lambda x: x, shard=(i, n))
-    ran = sorted(x for c in calls.values() for x in c)
-    assert ran == [x for x in items if x != 5]  # each item in exactly one shard
-    assert all(calls[i] and all(shard_of((x,), n) == i for x in calls[i]) for i in range(n))
-    assert [p.name for p in main.shard_paths()] == [f"res.shard-{i}-of-3.jsonl" for i in range(n)]
-    assert run_cases(main, items, lambda x: dict(v=x), lambda x: x, shard=(1, n)) == 0  # resumable
-    assert merge_shards(main) == 39
-    assert main.shard_paths() == []
-    df = ResultStore(main.path, ("id",)).read()
-    assert sorted(df.id) == items and df.set_index("id").v.to_dict() == {x: (-1 if x == 5 else x) for x in items}
-    assert merge_shards(main) == 0
-    assert shard_of((3,), 7) == shard_of((3.0,), 7) == shard_of((np.int64(3),), 7)
-    with pytest.raises(ValueError, match="0 <= i < n"):
-        main.shard(3, 3)
 
 
 # ---------------------------------------------------------------- property-based
@@ -390,7 +365,3 @@ def test_run_cases_retries_error_rows_when_asked(tmp_path):
     assert calls == [1, 3] and store.done(include_errors=False) == {(0,), (1,), (2,), (4,)}
     df = ResultStore(store.path, ("id",)).read().set_index("id").sort_index()
     assert df.error.notna().tolist() == [False, False, False, True, False] and df.v.tolist() == list(range(5))
-    main = ResultStore(tmp_path / "sharded.jsonl", ("id",))  # shards retry the main store's error rows too
-    main.append(dict(id=0, error="RuntimeError: refused"))
-    assert run_cases(main, [0], lambda i: dict(error=None), lambda i: i, shard=(0, 1), retry_errors=True) == 1
-    assert merge_shards(main) == 1 and main.done(include_errors=False) == {(0,)} and len(main.read()) == 1

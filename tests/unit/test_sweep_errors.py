@@ -2,11 +2,12 @@
 a refused edit is stored as an error row, counted in the summary, and edited again with retry_errors=True."""
 import pytest
 
-from editcollapse import data, guard
+from editcollapse import data
 
 from editcollapse.experiments import single
 from editcollapse.experiments.single import FailedEdit, results_store, single_edit_row, single_edit_sweep
 from editcollapse.editors import ROME, live_edits
+from editcollapse.hardcases import hardcf
 from tests.weights import identical, snapshot
 
 FAST = dict(hparams=dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)))
@@ -66,7 +67,7 @@ def test_single_edit_row_raises_failures_only_when_asked(tiny_models, cases, mon
 
 def test_retry_errors_edits_error_rows_again(tiny_models, tmp_path, cases):
     """An error row (here one written as the sweep wrote measuring failures before) is kept by a rerun, and
-    edited again, its new row superseding it, with retry_errors=True; also through guard.sweep_missing."""
+    edited again, its new row superseding it, with retry_errors=True; also through hardcf.sweep_missing."""
     lm = tiny_models("tiny-llama")
     store = results_store(tmp_path, "single_edit")
     for c in cases[:2]:
@@ -77,7 +78,7 @@ def test_retry_errors_edits_error_rows_again(tiny_models, tmp_path, cases):
     assert (kept["stored"], kept["error_rows"], kept["retried"]) == (0, 1, 0)
     redone = single_edit_sweep(lm, "rome", cases[:1], store, retry_errors=True, **SWEEP)
     assert (redone["stored"], redone["retried"], redone["error_rows"]) == (1, 1, 0)
-    assert guard.sweep_missing(lm, "rome", cases[1:2], store, results_dir=tmp_path, **SWEEP) == 0
-    assert guard.sweep_missing(lm, "rome", cases[1:2], store, results_dir=tmp_path, retry_errors=True, **SWEEP) == 1
+    assert hardcf.sweep_missing(lm, "rome", cases[1:2], store, results_dir=tmp_path, **SWEEP) == 0
+    assert hardcf.sweep_missing(lm, "rome", cases[1:2], store, results_dir=tmp_path, retry_errors=True, **SWEEP) == 1
     rows = store.read()
     assert len(rows) == 2 and rows.error.isna().all() and (rows.ppl > 0).all()

@@ -106,3 +106,44 @@ def test_edits_of_cases_an_editor_was_trained_on_are_left_out():
     mend = table.loc[("mend", "counterfact")]
     assert (mend.edits, mend.efficacy, mend.trained_on_left_out) == (1, 0.0, 1)
     assert table.loc[("rome", "counterfact")].trained_on_left_out == 0
+
+
+def test_nan_perplexity_counts_as_collapsed_and_the_threshold_is_a_parameter():
+    from editcollapse.results.tables import collapse_steps, sequential_rows
+
+    nan = dict(rows().iloc[1])
+    table = single_edit_table(pd.DataFrame([dict(nan, ppl=float("nan")), dict(nan, case_id=5, ppl=150.0)]))
+    assert table.loc[("rome", "counterfact")].collapsed == 1
+    assert single_edit_table(rows(), threshold=95.0).loc[("rome", "counterfact")].collapsed == 2  # 5000 and 100
+    seq = seq_rows()
+    seq.loc[(seq.editor == "rome") & (seq.run == "normal") & (seq.step == 2), "ppl"] = float("nan")
+    steps = collapse_steps(sequential_rows(seq, "m", ["rome"], ["normal"]))
+    assert steps.loc[("rome", "normal")].first_collapse_step == 2
+    assert collapse_steps(sequential_rows(seq, "m", ["memit"], ["hard"]), threshold=250).first_collapse_step.iloc[0] == 1
+
+
+def test_sequential_rows_of_one_perplexity_size_from_a_store(tmp_path):
+    from editcollapse.experiments.sequential import sequential_store
+    from editcollapse.results.tables import sequential_rows
+
+    store = sequential_store(tmp_path)
+    for r in seq_rows().assign(ppl_size=50).to_dict("records")[:5]:
+        store.append(r)
+    store.append(dict(seq_rows().iloc[0], step=9, ppl_size=1000))
+    got = sequential_rows(store, "m", ["rome"], ["hard", "normal"], ppl_size=50)
+    assert list(zip(got.run, got.step)) == [("hard", 0), ("hard", 1), ("hard", 2), ("hard", 3), ("normal", 0)]
+    assert len(sequential_rows(store, "m", ["rome"], ["hard"])) == 5
+
+
+def test_the_sequential_figure_has_a_panel_per_run(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from editcollapse.results.plots import sequential_ppl
+    from editcollapse.results.tables import sequential_rows
+
+    steps = sequential_rows(seq_rows().assign(ppl_size=50), "m", ["rome", "memit"], ["hard", "normal"])
+    fig = sequential_ppl(steps, ["hard", "normal", "random"], ["rome", "memit"], title="t", path=tmp_path / "f.png")
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["hard cases", "normal cases", "random cases"]
+    assert fig.axes[0].get_yscale() == "log" and "50" in fig.axes[0].get_ylabel()
+    assert len(fig.axes[0].get_lines()) >= 3 and (tmp_path / "f.png").stat().st_size > 0

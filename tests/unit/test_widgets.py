@@ -11,6 +11,7 @@ from editcollapse import guard
 
 from editcollapse.eval import metrics, perplexity
 from editcollapse.editors import EditError, EditRequest, get_editor
+from editcollapse.results.labels import COLLAPSE_THRESHOLD
 from editcollapse.widgets import (ExplorerSession, edit_explorer, predictions_html, prediction_chart, risk_html,
                                   verdict_html)
 
@@ -57,7 +58,7 @@ def test_explorer_session_reports_the_edit_it_applied_and_undoes_it(tiny_models,
     assert report["after"] == metrics.predict_next(lm, TEXT, k=5) != top0
     assert report["ppl"] == perplexity.me_ppl(lm, 50, progress=False)["mean"]
     assert report["ratio"] == report["ppl"] / report["ppl_before"]
-    assert report["collapsed"] == (report["ppl"] > perplexity.COLLAPSE_THRESHOLD == report["threshold"])
+    assert report["collapsed"] == (report["ppl"] > COLLAPSE_THRESHOLD == report["threshold"])
     if editor == "c-rome-prefix":
         assert report["after_with_prefix"] == metrics.predict_next(
             lm, metrics.with_prefix(TEXT, report["prefix"]), k=5)

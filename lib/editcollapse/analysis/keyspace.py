@@ -28,13 +28,14 @@ from .. import guard
 from ..editors import ROME, EditRequest, edited
 from ..editors.base import WeightTransaction, param_delta
 from ..editors.rome import rank_one_update
-from ..models.keys import edit_keys
-from ..models.loading import LoadedModel, pad_ids
+from ..models.keys import context_keys, edit_keys
+from ..models.loading import LoadedModel
 from ..models.nethook import Trace, TraceDict, get_module
 from ..eval.metrics import edit_metrics, locality_reference
 from ..eval.perplexity import me_ppl
 from ..results.tables import HEADLINE
 from ..models.stats import Moment
+from ..models.tokens import pad_ids, token_budget_batches
 
 KINDS = ("k_u", "k_bar", "C_inv_k")
 
@@ -53,7 +54,7 @@ def case_keys(lm: LoadedModel, cases: list[dict], editor: ROME | None = None, mo
     labels, ku, kb = [], [], []
     for i in range(0, len(cases), batch_size):
         chunk = cases[i:i + batch_size]
-        keys, positions, errors = guard.context_keys(lm, [EditRequest.from_case(c) for c in chunk], site)
+        keys, positions, errors = context_keys(lm, [EditRequest.from_case(c) for c in chunk], site)
         ok = [(c, p) for c, p, e in zip(chunk, positions, errors) if e is None]
         if ok:
             K = keys[layer].double().cpu()
@@ -177,18 +178,13 @@ def line_moments(lm: LoadedModel, layer: int, lines: list[str], max_len: int = 1
     "first": position-0 keys only}, in one pass (float64). Each Moment's meta has count and first_share."""
     module = lm.spec.module("mlp_out", layer)
     seqs = [r for r in (lm.token_ids(x)[:max_len] for x in lines if x.strip()) if len(r) > _specials(lm)]
-    seqs.sort(key=len)
     pad = lm.tok.pad_token_id if lm.tok.pad_token_id is not None else 0
     first = _specials(lm)
     S_all = S_first = None
     n_all = n_first = 0
-    i = 0
     with tqdm(total=sum(map(len, seqs)), unit="tok", unit_scale=True, desc=f"C per line {module}") as bar:
-        while i < len(seqs):
-            j = i + 1
-            while j < len(seqs) and (j - i + 1) * len(seqs[j]) <= batch_tokens:
-                j += 1
-            ids, mask = pad_ids(seqs[i:j], pad, device=lm.device)
+        for idx in token_budget_batches([len(r) for r in seqs], batch_tokens):
+            ids, mask = pad_ids([seqs[i] for i in idx], pad, device=lm.device)
             with torch.no_grad(), Trace(lm.model, module, retain_input=True, stop=True) as t:
                 lm.model(input_ids=ids, attention_mask=mask)
             k = t.input.double()
@@ -200,7 +196,6 @@ def line_moments(lm: LoadedModel, layer: int, lines: list[str], max_len: int = 1
             S_first = k_first.T @ k_first if S_first is None else S_first + k_first.T @ k_first
             n_all, n_first = n_all + len(k_all), n_first + len(k_first)
             bar.update(int(mask.sum()))
-            i = j
     meta = dict(model=lm.spec.name, layer=layer, module=module, corpus="wikitext lines", max_len=max_len)
 
     def moment(S, n, share):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..eval.downstream import HEADLINE, RANDOM_BASELINE
-from ..eval.perplexity import COLLAPSE_THRESHOLD, is_collapsed
+from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
 
 GROUPS = ("original", "normal", "collapsed")
 

@@ -28,10 +28,9 @@ import torch
 from ..errors import EditError
 from ..models.loading import LoadedModel
 from ..models.live import live_edits
-from .base import check_overrides, hparams_for
+from .base import setting
 from ..models.stats import model_moments
 from .memit import MEMIT, SpreadParams, moment
-from .vstar import check_float
 
 _PROJECTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -40,13 +39,8 @@ _PROJECTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakK
 class AlphaEditHyperParams(SpreadParams):
     """AlphaEdit's settings (the authors' hparams/AlphaEdit/*.json)."""
 
-    nullspace_threshold: float
-    L2: float
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_float(self, "nullspace_threshold", 0.0, exclusive=True)
-        check_float(self, "L2", 0.0, exclusive=True)
+    nullspace_threshold: float = setting(float, above=0)
+    L2: float = setting(float, above=0)
 
 
 # The authors' hparams/AlphaEdit/gpt2-xl.json, EleutherAI_gpt-j-6B.json and, for Llama-2-7b (no file
@@ -109,12 +103,8 @@ class AlphaEdit(MEMIT):
 
     name = "alphaedit"
     carries = ("preserved_keys",)
-
-    def __post_init__(self):
-        check_overrides(AlphaEditHyperParams, PRESETS, self.hparams)
-
-    def hparams_for(self, lm: LoadedModel) -> AlphaEditHyperParams:
-        return hparams_for(AlphaEditHyperParams, PRESETS, lm, self.hparams)
+    hyperparams = AlphaEditHyperParams
+    presets = PRESETS
 
     def prepare(self, lm: LoadedModel, hp: AlphaEditHyperParams) -> None:
         model_moments(lm, hp.layers, hp.mom2_n_tokens)  # C of every layer in one pass where not cached

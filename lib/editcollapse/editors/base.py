@@ -17,6 +17,11 @@ of the live model in place and returns an `EditResult`. The contract, the same f
   the largest entries of ΔW (`diagnostics["tensors"]`), their totals (`delta_norm`,
   `rel_change`, `n_tensors`) and the editor's own keys beside them; `scalars()` gives the flat
   scalar part that a results row stores.
+
+An editor's settings are a `HyperParams` dataclass whose fields declare their type and range with
+`setting(...)`, checked in one place; its `presets` (model name -> settings, the papers' where they
+exist) and the `hparams` overrides meet in `Editor.hparams_for`. `Editor.on_phase` reports the
+phases of an apply as they start and end (progress bars).
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ import math
 import reprlib
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
-from typing import Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Callable, Sequence
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -60,7 +65,9 @@ class EditResult:
     lm: LoadedModel = field(repr=False)
     diagnostics: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
-    test_prefix: str | None = None  # prompts are evaluated with this prefix (Fall of ROME, Sec. 5)
+    # set by an editor with a test-time prefix (C-ROME's option, Fall of ROME Sec. 5): the metrics evaluate its
+    # prompts behind this prefix too
+    test_prefix: str | None = None
     undone: bool = False
 
     @property
@@ -138,27 +145,76 @@ def tensor_changes(lm: LoadedModel, saved: dict[str, torch.Tensor], top: int = T
                 rel_change=(sq_delta / sq_w) ** 0.5 if sq_w else 0.0)
 
 
-def check_overrides(cls, presets: dict, overrides: dict) -> None:
-    """Refuse unknown or ill-typed hyper-parameters when an editor is built (before any model is seen)."""
-    if not isinstance(overrides, dict):
-        raise EditError(f"hparams must be a dict, got {type(overrides).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise EditError(f"unknown {cls.__name__} setting(s) {unknown}; known: {', '.join(sorted(known))}")
-    cls(**{**next(iter(presets.values())), **overrides})  # __post_init__ checks every value
+@dataclass(frozen=True)
+class Spec:
+    """What one setting may hold: an int or a finite number (`kind`) `at_least` or `above` a bound, a bool,
+    one of `choices`, or what `convert` accepts (it returns the value to keep, or raises an EditError
+    "<name> must be ..."); `optional`: None too."""
+
+    kind: type
+    at_least: float | None = None
+    above: float | None = None
+    optional: bool = False
+    choices: tuple = ()
+    convert: Callable | None = None
+
+    def check(self, owner: str, name: str, value):
+        """The value to keep; EditError "<owner>.<name> must be ..." when it is not one."""
+        if value is None and self.optional:
+            return value
+        if self.convert is not None:
+            try:
+                return self.convert(value)
+            except EditError as e:
+                raise EditError(f"{owner}.{e}") from None
+        if not self.accepts(value):
+            raise EditError(f"{owner}.{name} must be {self.describe()}, got {value!r}")
+        return value
+
+    def accepts(self, v) -> bool:
+        if self.choices:
+            return v in self.choices
+        if self.kind is bool:
+            return isinstance(v, bool)
+        number = int if self.kind is int else (int, float)
+        if isinstance(v, bool) or not isinstance(v, number) or not math.isfinite(v):
+            return False
+        return (self.at_least is None or v >= self.at_least) and (self.above is None or v > self.above)
+
+    def describe(self) -> str:
+        if self.choices:
+            return f"one of {self.choices}"
+        if self.kind is bool:
+            return "a bool"
+        if self.kind is int:
+            return f"an int >= {self.at_least}"
+        bound = f">= {float(self.at_least)}" if self.above is None else f"> {float(self.above)}"
+        return f"a number {bound} (finite)"
 
 
-def hparams_for(cls, presets: dict, lm: LoadedModel, overrides: dict):
-    """The editor's preset for this model, with `overrides` on top; every setting when there is no preset."""
-    preset = presets.get(lm.spec.name)
-    if preset is None:
-        try:
-            return cls(**overrides)
-        except TypeError as e:
-            raise EditError(f"no {cls.__name__} preset for model {lm.spec.name!r} (presets: {', '.join(presets)}); "
-                            f"pass every required setting in hparams ({e})") from e
-    return cls(**{**preset, **overrides})
+def setting(kind: type, default=MISSING, *, at_least=None, above=None, optional=False, choices=(), convert=None):
+    """A HyperParams field and its Spec, e.g. `lr: float = setting(float, 5e-4, above=0)`."""
+    return field(default=default, metadata={"spec": Spec(kind, at_least, above, optional, choices, convert)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class HyperParams:
+    """An editor's settings (frozen): each field declared with `setting` is checked (and normalised) when built."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            if "spec" in f.metadata:
+                value = f.metadata["spec"].check(type(self).__name__, f.name, getattr(self, f.name))
+                object.__setattr__(self, f.name, value)
+
+
+def layer_list(layers) -> tuple[int, ...]:
+    """A setting's layers R as a tuple: a non-empty increasing list of distinct layer indices >= 0."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not layers or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) \
+            or list(layers) != sorted(set(layers)):
+        raise EditError(f"layers must be a non-empty increasing list of distinct layer indices >= 0, got {layers!r}")
+    return tuple(layers)
 
 
 def param_delta(lm: LoadedModel, module_name: str, delta: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -196,9 +252,11 @@ def check_finite(lm: LoadedModel, layers) -> None:
 class Editor:
     """Base class of the editors. Subclasses set `name` (or a property) and `batched`, and implement
 
-        _edit(lm, requests, tx) -> (diagnostics: dict, test_prefix: str | None)
+        _edit(lm, requests, tx) -> diagnostics: dict
 
-    writing weights only through `tx` (a WeightTransaction); `self.clock` gathers phase timings.
+    writing weights only through `tx` (a WeightTransaction) and timing their phases with `self.timed`.
+    An editor with settings sets `hyperparams` (its HyperParams class) and `presets`, and takes the
+    overrides as a dataclass field `hparams`, checked when it is built (`__post_init__`).
     """
 
     name: str = "editor"
@@ -206,8 +264,34 @@ class Editor:
     # diagnostics ({key: tensor rows}) of its live edits that its later edits read, e.g. AlphaEdit's
     # preserved keys: a resumed sequential run restores them (sequential.carried_state)
     carries: tuple[str, ...] = ()
+    hyperparams: type[HyperParams] | None = None
+    presets: dict[str, dict] = {}  # model name -> settings
+    phase_callbacks: tuple[Callable[[str, bool], None], ...] = ()
 
-    def apply(self, lm: LoadedModel, requests) -> EditResult:
+    def __post_init__(self):
+        """Refuse unknown or ill-typed `hparams` when the editor is built (before any model is seen)."""
+        cls, overrides = self.hyperparams, self.hparams
+        if not isinstance(overrides, dict):
+            raise EditError(f"hparams must be a dict, got {type(overrides).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise EditError(f"unknown {cls.__name__} setting(s) {unknown}; known: {', '.join(sorted(known))}")
+        cls(**{**next(iter(self.presets.values())), **overrides})  # HyperParams checks every value
+
+    def hparams_for(self, lm: LoadedModel) -> HyperParams:
+        """The settings for this model: its preset with `hparams` on top; every setting when it has no preset."""
+        cls, preset = self.hyperparams, self.presets.get(lm.spec.name)
+        if preset is None:
+            try:
+                return cls(**self.hparams)
+            except TypeError as e:
+                raise EditError(f"no {cls.__name__} preset for model {lm.spec.name!r} (presets: "
+                                f"{', '.join(self.presets)}); pass every required setting in hparams ({e})") from e
+        return cls(**{**preset, **self.hparams})
+
+    def checked(self, lm: LoadedModel, requests) -> tuple[EditRequest, ...]:
+        """The requests as a tuple, after the checks that refuse an edit (EditError) before any weight is written."""
         requests = as_requests(requests)
         if len(requests) > 1 and not self.batched:
             raise EditError(f"{self.name} edits one fact at a time; apply a sequence with an EditStack, "
@@ -216,14 +300,18 @@ class Editor:
             r.validate()
             check_length(lm, r)
         check_finite(lm, self.edited_layers(lm))
+        return requests
+
+    def apply(self, lm: LoadedModel, requests) -> EditResult:
+        requests = self.checked(lm, requests)
         tx = WeightTransaction(lm)
         self.clock = {}
         t0 = time.perf_counter()
         try:
-            diagnostics, prefix = self._edit(lm, requests, tx)
+            diagnostics = self._edit(lm, requests, tx)
             diagnostics.update(tensor_changes(lm, tx.saved))
             self.clock["total"] = time.perf_counter() - t0
-            result = EditResult(requests, self.name, tx.saved, lm, diagnostics, dict(self.clock), prefix)
+            result = EditResult(requests, self.name, tx.saved, lm, diagnostics, dict(self.clock))
             _LIVE.setdefault(lm.model, []).append(result)
         except BaseException:
             tx.restore()
@@ -235,8 +323,8 @@ class Editor:
 
     def edited_layers(self, lm: LoadedModel) -> tuple[int, ...]:
         """The layers an apply writes to (checked for NaN and inf first): its settings' `layers`, or `layer`;
-        none for an editor without `hparams_for`. Editors laid out otherwise override it."""
-        if not hasattr(self, "hparams_for"):
+        none for an editor without settings. Editors laid out otherwise override it."""
+        if self.hyperparams is None:
             return ()
         hp = self.hparams_for(lm)
         return tuple(hp.layers) if hasattr(hp, "layers") else (hp.layer,)
@@ -246,9 +334,23 @@ class Editor:
         the case are not held-out scores. Editors that are not trained: never."""
         return False
 
+    def on_phase(self, callback: Callable[[str, bool], None]) -> None:
+        """Call `callback(phase, started)` as each phase of an apply starts (True) and ends (False)."""
+        self.phase_callbacks = (*self.phase_callbacks, callback)
+
+    @contextmanager
     def timed(self, phase: str):
-        """`with self.timed("keys"): ...` adds the block's seconds to `self.clock[phase]`."""
-        return _Timed(self.clock, phase)
+        """`with self.timed("keys"): ...` adds the block's seconds to `self.clock[phase]`, between the calls
+        of the `on_phase` callbacks."""
+        for callback in self.phase_callbacks:
+            callback(phase, True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock[phase] = self.clock.get(phase, 0.0) + time.perf_counter() - t0
+            for callback in self.phase_callbacks:
+                callback(phase, False)
 
 
 def apply_state(lm: LoadedModel, tensors: dict[str, torch.Tensor], label: str = "state") -> EditResult:
@@ -267,17 +369,6 @@ def apply_state(lm: LoadedModel, tensors: dict[str, torch.Tensor], label: str = 
         tx.restore()
         raise
     return result
-
-
-class _Timed:
-    def __init__(self, clock: dict, phase: str):
-        self.clock, self.phase = clock, phase
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.clock[self.phase] = self.clock.get(self.phase, 0.0) + time.perf_counter() - self.t0
 
 
 @contextmanager

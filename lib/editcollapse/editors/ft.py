@@ -14,6 +14,8 @@ ROME's and EasyEdit's `ft_main.py`). Two objectives:
   −1/T Σ_t log p(t_t | prompt);
 - ``target_new``: teacher forcing, −1/T Σ_t log p(t_t | prompt, t_<t), as `metrics` scores.
 
+Both are `eval.scoring`'s `mean_nll` on its `pack` of the (prompt, target) pairs.
+
 One apply fine-tunes on all its requests at once (batched).
 """
 from __future__ import annotations
@@ -23,38 +25,26 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import EditError
-from ..models.loading import LoadedModel, pad_ids
-from ..models.tokens import target_ids
-from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for
-from .vstar import check_float, check_int
+from ..eval.scoring import mean_nll, pack, target_pairs
+from ..models.loading import LoadedModel
+from .base import Editor, EditRequest, HyperParams, check_layer, setting
 
 OBJECTIVES = ("prompt_last", "target_new")
 
 
 @dataclass(frozen=True, kw_only=True)
-class FTHyperParams:
+class FTHyperParams(HyperParams):
     """FT's settings (the papers' hparams/FT/*.yaml); `FT(...).hparams_for(lm)` gives a model's."""
 
-    layer: int
-    num_steps: int = 25
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    norm_constraint: float | None = 5e-4  # ε of the L∞ bound; None: no bound (the fork's GPT-J / Llama-2 yaml)
-    batch_size: int = 1
-    objective: str = "prompt_last"
-    early_stop_loss: float = 1e-2
-
-    def __post_init__(self):
-        check_int(self, "layer", 0)
-        check_int(self, "num_steps", 1)
-        check_int(self, "batch_size", 1)
-        check_float(self, "lr", 0.0, exclusive=True)  # lr = 0 or ε = 0: an edit that changes nothing
-        for name in ("weight_decay", "early_stop_loss"):
-            check_float(self, name, 0.0)
-        if self.norm_constraint is not None:
-            check_float(self, "norm_constraint", 0.0, exclusive=True)
-        if self.objective not in OBJECTIVES:
-            raise EditError(f"FTHyperParams.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+    layer: int = setting(int, at_least=0)
+    num_steps: int = setting(int, 25, at_least=1)
+    lr: float = setting(float, 5e-4, above=0)  # lr = 0 or ε = 0: an edit that changes nothing
+    weight_decay: float = setting(float, 0.0, at_least=0)
+    # ε of the L∞ bound; None: no bound (the fork's GPT-J / Llama-2 yaml)
+    norm_constraint: float | None = setting(float, 5e-4, above=0, optional=True)
+    batch_size: int = setting(int, 1, at_least=1)
+    objective: str = setting(str, "prompt_last", choices=OBJECTIVES)
+    early_stop_loss: float = setting(float, 1e-2, at_least=0)
 
 
 # The papers' settings: the authors' fork (Collapse-in-Model-Editing, hparams/FT/*.yaml, EasyEdit's
@@ -76,73 +66,23 @@ PRESETS = {
 
 
 @dataclass
-class TargetBatch:
-    """Requests as one right-padded batch, with the positions that score each target token."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    rows: torch.Tensor  # scored (row, column) -> target token
-    cols: torch.Tensor
-    tokens: torch.Tensor
-    n_requests: int
-
-
-def target_batch(lm: LoadedModel, prompts: list[str], targets: list[str], last_only: bool = False,
-                 extra_rows: list[list[int]] = ()) -> TargetBatch:
-    """Prompt ⊕ target[:-1] per row, teacher-forced (or the bare prompt, every target token at its last
-    position, when `last_only`), then the unscored `extra_rows` (token ids). Raises EditError for a
-    prompt without tokens."""
-    rows, cols, tokens, seqs = [], [], [], []
-    for i, (prompt, target) in enumerate(zip(prompts, targets)):
-        p, t = lm.token_ids(prompt), target_ids(lm, target)
-        if not p:
-            raise EditError(f"prompt {prompt!r} has no tokens to predict the target from")
-        if not t:
-            raise EditError(f"target {target!r} has no tokens")
-        seqs.append(p if last_only else p + t[:-1])
-        cols += [len(p) - 1] * len(t) if last_only else list(range(len(p) - 1, len(p) - 1 + len(t)))
-        rows += [i] * len(t)
-        tokens += t
-    ids, mask = pad_ids(seqs + list(extra_rows), lm.tok.pad_token_id, left=False, device=lm.device)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=lm.device)  # noqa: E731
-    return TargetBatch(ids, mask, as_long(rows), as_long(cols), as_long(tokens), len(seqs))
-
-
-def target_nll(logits: torch.Tensor, b: TargetBatch) -> torch.Tensor:
-    """Mean NLL of each request's target tokens [n_requests], from the batch's logits [B, S, V]."""
-    return scored_nll(logits[b.rows, b.cols], b)
-
-
-def scored_nll(logits: torch.Tensor, b: TargetBatch) -> torch.Tensor:
-    """The same from the logits at the scored positions only [n_tokens, V] (in b.rows, b.cols order)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logp[torch.arange(len(b.tokens), device=logp.device), b.tokens]
-    total = torch.zeros(b.n_requests, device=nll.device).index_add(0, b.rows, nll)
-    count = torch.zeros(b.n_requests, device=nll.device).index_add(0, b.rows, torch.ones_like(nll))
-    return total / count
-
-
-@dataclass
 class FT(Editor):
     """FT-L∞: `hparams` overrides the model's preset (PRESETS), e.g. {"layer": 3, "norm_constraint": 1e-3}."""
 
     hparams: dict = field(default_factory=dict)
     name = "ft-linf"
     batched = True
-
-    def __post_init__(self):
-        check_overrides(FTHyperParams, PRESETS, self.hparams)
-
-    def hparams_for(self, lm: LoadedModel) -> FTHyperParams:
-        return hparams_for(FTHyperParams, PRESETS, lm, self.hparams)
+    hyperparams = FTHyperParams
+    presets = PRESETS
 
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx):
         hp = self.hparams_for(lm)
         check_layer(lm, hp.layer)
         with self.timed("tokens"):
             chunks = [requests[i:i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
-            batches = [target_batch(lm, [r.template().format(r.subject) for r in c], [r.target_new for r in c],
-                                    last_only=hp.objective == "prompt_last") for c in chunks]
+            pairs = [target_pairs(lm, [r.template().format(r.subject) for r in c], [r.target_new for r in c])
+                     for c in chunks]
+            batches = [pack(lm, ps, inputs="prompt" if hp.objective == "prompt_last" else "forced") for ps in pairs]
         name = lm.spec.module("mlp_out", hp.layer) + ".weight"
         W = tx.param(name)
         W0 = tx.saved[name]
@@ -157,7 +97,8 @@ class FT(Editor):
                     losses = []
                     for b in batches:
                         opt.zero_grad(set_to_none=True)
-                        loss = target_nll(lm.model(input_ids=b.ids, attention_mask=b.mask).logits, b).mean()
+                        logits = lm.model(input_ids=b.ids, attention_mask=b.mask).logits
+                        loss = mean_nll(logits[b.rows, b.cols], b).mean()
                         if not torch.isfinite(loss):
                             raise EditError(f"non-finite fine-tuning loss after {n_updates} steps")
                         losses.append(loss.item())
@@ -175,7 +116,7 @@ class FT(Editor):
             W.requires_grad_(False)
             W.grad = None
         with self.timed("final_loss"), torch.no_grad():
-            final = torch.cat([target_nll(lm.model(input_ids=b.ids, attention_mask=b.mask).logits, b)
+            final = torch.cat([mean_nll(lm.model(input_ids=b.ids, attention_mask=b.mask).logits[b.rows, b.cols], b)
                                for b in batches])
         with torch.no_grad():
             delta = (W - W0).abs()
@@ -186,4 +127,4 @@ class FT(Editor):
             linf_delta=linf, hparams=asdict(hp))
         if eps is not None:
             diagnostics.update(linf_bound=eps, linf_at_bound=(delta >= eps * (1 - 1e-3)).float().mean().item())
-        return diagnostics, None
+        return diagnostics

@@ -24,18 +24,16 @@ z* − z₀ that the layer realises at R[-1], and ‖ΔW_l‖; in all, `realised
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..errors import EditError
-from ..models.keys import check_template_lengths, context_templates, edit_texts
+from ..models.keys import KeySite, check_template_lengths, context_templates, edit_texts, read_keys
 from ..models.loading import LoadedModel
-from ..models.nethook import Trace
 from ..models.stats import Moment, model_moments
-from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
-from .vstar import VStarParams, check_float, check_int, compute_v_star, curve_summary
+from .base import Editor, EditRequest, check_layer, layer_list, param_delta, setting
+from .vstar import VStarParams, compute_v_star, curve_summary
 
 
 
@@ -43,36 +41,20 @@ from .vstar import VStarParams, check_float, check_int, compute_v_star, curve_su
 class SpreadParams(VStarParams):
     """Settings shared by MEMIT and AlphaEdit: the layers R, the key statistics and the context templates."""
 
-    layers: tuple
-    mom2_n_tokens: int | None = None  # tokens behind C (None: stats.second_moment's default, the whole corpus)
-    context_template_length_params: tuple = ((10, 5),)  # MEMIT: 5 prefixes of 10 tokens
-    seed: int = 0  # context templates are sampled with this seed (the papers' code draws them unseeded)
-
-    def __post_init__(self):
-        super().__post_init__()
-        layers = self.layers
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not layers or any(
-                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) \
-                or list(layers) != sorted(set(layers)):
-            raise EditError(f"{type(self).__name__}.layers must be a non-empty increasing list of distinct "
-                            f"layer indices >= 0, got {layers!r}")
-        object.__setattr__(self, "layers", tuple(layers))
-        check_int(self, "seed", 0)
-        if self.mom2_n_tokens is not None:
-            check_int(self, "mom2_n_tokens", 1)
-        object.__setattr__(self, "context_template_length_params",
-                           check_template_lengths(self.context_template_length_params))
+    layers: tuple = setting(tuple, convert=layer_list)
+    # tokens behind C (None: stats.second_moment's default, the whole corpus)
+    mom2_n_tokens: int | None = setting(int, None, at_least=1, optional=True)
+    # MEMIT: 5 prefixes of 10 tokens
+    context_template_length_params: tuple = setting(tuple, ((10, 5),), convert=check_template_lengths)
+    # context templates are sampled with this seed (the papers' code draws them unseeded)
+    seed: int = setting(int, 0, at_least=0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MEMITHyperParams(SpreadParams):
     """MEMIT's settings (the authors' hparams/MEMIT/*.json); `MEMIT(...).hparams_for(lm)` gives a model's."""
 
-    mom2_update_weight: float
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_float(self, "mom2_update_weight", 0.0, exclusive=True)
+    mom2_update_weight: float = setting(float, above=0)
 
 
 # The papers' settings: MEMIT's hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json, and the
@@ -131,12 +113,8 @@ class MEMIT(Editor):
     hparams: dict = field(default_factory=dict)
     name = "memit"
     batched = True
-
-    def __post_init__(self):
-        check_overrides(MEMITHyperParams, PRESETS, self.hparams)
-
-    def hparams_for(self, lm: LoadedModel) -> MEMITHyperParams:
-        return hparams_for(MEMITHyperParams, PRESETS, lm, self.hparams)
+    hyperparams = MEMITHyperParams
+    presets = PRESETS
 
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx):
         hp = self.hparams_for(lm)
@@ -154,7 +132,13 @@ class MEMIT(Editor):
         diagnostics.update({k: sum(s[k] for s in summaries) / len(summaries) for k in summaries[0]})
         diagnostics.update(v_star=z_star, v_init=torch.stack([v for _, v, _ in found]).cpu(), loss_curves=curves,
                            n_requests=len(requests), context_templates=templates, hparams=asdict(hp))
-        return diagnostics, None
+        return diagnostics
+
+    def key_site(self, lm: LoadedModel) -> KeySite:
+        """Where MEMIT reads its keys: the layers R, its context templates and C of each layer."""
+        hp = self.hparams_for(lm)
+        contexts = context_templates(lm, hp.context_template_length_params, hp.seed)
+        return KeySite(hp.layers, contexts, {L: moment(lm, L, hp.mom2_n_tokens) for L in hp.layers})
 
     @staticmethod
     def inputs(lm: LoadedModel, hp: SpreadParams, requests):
@@ -172,7 +156,7 @@ class MEMIT(Editor):
         per_layer, zs, keys, residuals = [], [], {}, {}
         for i, layer in enumerate(hp.layers):
             with self.timed("keys"):
-                K, z = read_keys(lm, [layer], hp.layers[-1], texts, idxs, weights)
+                K, z = fact_keys(lm, [layer], hp.layers[-1], texts, idxs, weights)
             zs.append(z)
             if i == 0:
                 target = z_star - z
@@ -187,7 +171,7 @@ class MEMIT(Editor):
             per_layer.append(dict(layer=layer, resid_norm=resid.norm(dim=1).mean().item(),
                                   written_fraction=written.mean().item(), delta_norm=delta.norm().item()))
         with self.timed("diagnostics"):
-            K_after, z_after = read_keys(lm, hp.layers, hp.layers[-1], texts, idxs, weights)
+            K_after, z_after = fact_keys(lm, hp.layers, hp.layers[-1], texts, idxs, weights)
         zs.append(z_after)
         t2 = (target * target).sum(1).clamp_min(1e-30)
         for d, a, b in zip(per_layer, zs, zs[1:]):
@@ -235,21 +219,14 @@ def through_post_norm(lm: LoadedModel, layer: int, K: torch.Tensor, resid: torch
     return torch.where(writable, resid * (x.pow(2).mean(1, keepdim=True) + eps).sqrt() / g.where(writable, 1), 0)
 
 
-def read_keys(lm: LoadedModel, layers, z_layer: int, texts: list[str], idxs: list[int], weights: torch.Tensor):
-    """One forward pass to `z_layer`: keys {layer: K [n, d_k]} (weighted over each fact's templates) and z [n, d].
+def fact_keys(lm: LoadedModel, layers, z_layer: int, texts: list[str], idxs: list[int], weights: torch.Tensor):
+    """Each fact's key K at every layer of `layers` (weighted over its templates) and z, in one pass (`read_keys`).
 
-    `texts` hold n facts × len(weights) templates, the bare prompt first; z is the residual after
-    `z_layer` at the bare prompt. Float64, on the CPU.
+    `texts` hold n facts × len(weights) templates, the bare prompt first; z [n, d] is the residual
+    after `z_layer` at the bare prompt. Float64, on the CPU.
     """
-    batch = lm.encode(texts)
-    with torch.no_grad(), ExitStack() as stack:
-        keys = {layer: stack.enter_context(Trace(lm.model, lm.spec.module("mlp_out", layer), retain_input=True))
-                for layer in layers}
-        out = stack.enter_context(Trace(lm.model, lm.spec.module("layer", z_layer), retain_output=True, stop=True))
-        lm.model(**batch)
-    rows, idx = torch.arange(len(texts), device=lm.device), torch.tensor(idxs, device=lm.device)
+    keys, _, z = read_keys(lm, layers, idxs, lm.encode(texts), z_layer=z_layer)
     n = len(texts) // len(weights)
-    K = {layer: torch.einsum("ntd,t->nd", t.input[rows, idx].double().cpu().view(n, len(weights), -1), weights)
-         for layer, t in keys.items()}
-    z = out.output[rows, idx].double().cpu().view(n, len(weights), -1)[:, 0]
-    return K, z
+    K = {layer: torch.einsum("ntd,t->nd", k.double().cpu().view(n, len(weights), -1), weights)
+         for layer, k in keys.items()}
+    return K, z.double().cpu().view(n, len(weights), -1)[:, 0]

@@ -22,33 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EditError
-from ..models.keys import check_template_lengths, context_templates, edit_keys
+from ..models.keys import KeySite, check_template_lengths, context_templates, edit_keys
 from ..models.loading import LoadedModel
 from ..models.stats import model_moments
-from .base import Editor, EditRequest, check_layer, check_overrides, hparams_for, param_delta
-from .vstar import VStarParams, check_int, compute_v_star, curve_summary
+from .base import Editor, EditRequest, EditResult, check_layer, param_delta, setting
+from .vstar import VStarParams, compute_v_star, curve_summary
 
 
 @dataclass(frozen=True, kw_only=True)
 class ROMEHyperParams(VStarParams):
     """ROME's settings (the papers' hparams/ROME/*.yaml); `ROME(...).hparams_for(lm)` gives a model's."""
 
-    layer: int
-    mom2_adjustment: bool = False
-    context_template_length_params: tuple = ((5, 10), (10, 10))
-    seed: int = 0  # context templates are sampled with this seed (the papers' code draws them unseeded)
-    mom2_n_tokens: int | None = None  # None: stats.second_moment's default
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_int(self, "layer", 0)
-        check_int(self, "seed", 0)
-        if not isinstance(self.mom2_adjustment, bool):
-            raise EditError(f"ROMEHyperParams.mom2_adjustment must be a bool, got {self.mom2_adjustment!r}")
-        if self.mom2_n_tokens is not None:
-            check_int(self, "mom2_n_tokens", 1)
-        object.__setattr__(self, "context_template_length_params",
-                           check_template_lengths(self.context_template_length_params))
+    layer: int = setting(int, at_least=0)
+    mom2_adjustment: bool = setting(bool, False)
+    context_template_length_params: tuple = setting(tuple, ((5, 10), (10, 10)), convert=check_template_lengths)
+    # context templates are sampled with this seed (the papers' code draws them unseeded)
+    seed: int = setting(int, 0, at_least=0)
+    mom2_n_tokens: int | None = setting(int, None, at_least=1, optional=True)  # None: stats.second_moment's default
 
 
 # The papers' settings (their hparams/ROME/*.yaml, from Meng et al.). The local models use the
@@ -93,16 +83,19 @@ class ROME(Editor):
     fast: bool = True
     hparams: dict = field(default_factory=dict)
     stats: object | None = None
-
-    def __post_init__(self):
-        check_overrides(ROMEHyperParams, PRESETS, self.hparams)
+    hyperparams = ROMEHyperParams
+    presets = PRESETS
 
     @property
     def name(self) -> str:
         return ("c-rome" if self.consistent else "rome") + ("-prefix" if self.test_prefix else "")
 
-    def hparams_for(self, lm: LoadedModel) -> ROMEHyperParams:
-        return hparams_for(ROMEHyperParams, PRESETS, lm, self.hparams)
+    def apply(self, lm: LoadedModel, requests) -> EditResult:
+        """The edit; with `test_prefix`, its result's test-time prefix (`prefix_for`), behind which it is evaluated."""
+        result = super().apply(lm, requests)
+        if self.test_prefix:
+            result.test_prefix = self.prefix_for(result.diagnostics["context_templates"], result.request)
+        return result
 
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx):
         (request,) = requests
@@ -130,7 +123,18 @@ class ROME(Editor):
             denominator=(denominator / C_inv_k.norm()).item(), denominator_raw=denominator.item(),
             k_u_k_bar_cosine=F.cosine_similarity(k_u, k_bar, dim=0).item(),
             loss_curve=curve, **curve_summary(curve), context_templates=templates, hparams=asdict(hp))
-        return diagnostics, (self.prefix_for(templates, request) if self.test_prefix else None)
+        return diagnostics
+
+    def key_site(self, lm: LoadedModel) -> KeySite:
+        """Where this editor reads its keys: its layer, context templates and C (None: C = I); k̄ for C-ROME."""
+        hp = self.hparams_for(lm)
+        contexts = context_templates(lm, hp.context_template_length_params, hp.seed)
+        return KeySite((hp.layer,), contexts, {hp.layer: self.moment(lm, hp) if hp.mom2_adjustment else None},
+                       self.consistent)
+
+    def c_rome(self) -> "ROME":
+        """C-ROME with these settings (k̄ in place of k^u, Sec. 5): the guard's fallback for a risky request."""
+        return ROME(consistent=True, hparams=dict(self.hparams), stats=self.stats)
 
     @staticmethod
     def prefix_for(templates: list[str], request: EditRequest) -> str:

@@ -18,8 +18,6 @@ model at each step, full-vocabulary log-softmax at every position).
 """
 from __future__ import annotations
 
-import copy
-import math
 import reprlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,47 +28,32 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import EditError
-from ..models.loading import LoadedModel, pad_ids
+from ..models.loading import LoadedModel
 from ..models.nethook import Trace, get_module
-from ..models.tokens import subject_last_index, target_ids
+from ..models.prefixes import fresh_cache
+from ..models.tokens import pad_ids, subject_last_index, target_ids
+from .base import HyperParams, setting
+
+
+def check_kl_prompt(prompt):
+    """The KL prompt: a string holding '{}' (the subject) once."""
+    if not isinstance(prompt, str) or prompt.count("{}") != 1:
+        raise EditError(f"kl_prompt must be a string holding '{{}}' once, got {prompt!r}")
+    return prompt
 
 
 @dataclass(frozen=True)
-class VStarParams:
+class VStarParams(HyperParams):
     """The settings of the v* optimisation (ROME's and MEMIT's hparams of the same names)."""
 
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    kl_prompt: str = "{} is a"
-
-    def __post_init__(self):
-        check_int(self, "v_num_grad_steps", 1)
-        for name in ("v_lr", "clamp_norm_factor"):  # 0 would leave v* = v_init: an edit that changes nothing
-            check_float(self, name, 0.0, exclusive=True)
-        for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
-            check_float(self, name, 0.0)
-        if not isinstance(self.kl_prompt, str) or self.kl_prompt.count("{}") != 1:
-            raise EditError(f"kl_prompt must be a string holding '{{}}' once, got {self.kl_prompt!r}")
-
-
-def check_int(hp, name: str, low: int, high: int | None = None) -> None:
-    v = getattr(hp, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise EditError(f"{type(hp).__name__}.{name} must be an int {bound}, got {v!r}")
-
-
-def check_float(hp, name: str, low: float, exclusive: bool = False) -> None:
-    """Refuse a setting that is not a finite number >= low (> low when `exclusive`); NaN and inf included."""
-    v = getattr(hp, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low \
-            or (exclusive and v == low):
-        raise EditError(f"{type(hp).__name__}.{name} must be a number {'>' if exclusive else '>='} {low} "
-                        f"(finite), got {v!r}")
+    v_num_grad_steps: int = setting(int, 20, at_least=1)
+    # v_lr = 0 or clamp_norm_factor = 0 would leave v* = v_init: an edit that changes nothing
+    v_lr: float = setting(float, 0.5, above=0)
+    v_weight_decay: float = setting(float, 0.5, at_least=0)
+    clamp_norm_factor: float = setting(float, 4.0, above=0)
+    kl_factor: float = setting(float, 0.0625, at_least=0)
+    early_stop_loss: float = setting(float, 5e-2, at_least=0)
+    kl_prompt: str = setting(str, "{} is a", convert=check_kl_prompt)
 
 
 @dataclass
@@ -258,13 +241,6 @@ def _standing_in(layers: torch.nn.ModuleList, stand_ins: list[torch.nn.Module]):
     return _swapped_in([(layers, str(i), m) for i, m in enumerate(stand_ins)])
 
 
-def _fresh(cache):
-    """A cache object of its own over the same prefix tensors (a step appends by concatenation, never in place)."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    return new
-
-
 class _CachedForward:
     """Compute once what does not depend on δ; each step runs only the rest.
 
@@ -320,7 +296,7 @@ class _CachedForward:
         self.t_ids = torch.tensor(p.target_ids * p.n_rewrite, device=dev)
 
     def step_kwargs(self) -> dict:
-        return self.kwargs if self.cache is None else dict(self.kwargs, cache=_fresh(self.cache))
+        return self.kwargs if self.cache is None else dict(self.kwargs, cache=fresh_cache(self.cache))
 
     def __call__(self, delta: torch.Tensor):
         seen = {}

@@ -28,7 +28,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .. import data
-from ..models.loading import LoadedModel, pad_ids
+from ..models.loading import LoadedModel
+from ..models.tokens import pad_ids
 
 TASKS = ("piqa", "hellaswag", "mmlu", "lambada", "nq", "squad2")
 LMEVAL_TASKS = {"piqa": "piqa_local", "hellaswag": "hellaswag_local", "mmlu": "mmlu_local",

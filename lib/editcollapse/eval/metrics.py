@@ -1,9 +1,9 @@
 """Edit metrics for one edit case (CounterFact or zsRE, the case shape of `data.py`).
 
-Every score teacher-forces a target after a prompt. The prompt is tokenized with the model's BOS
-rule (`lm.token_ids`); the target is scored as ``" " + target`` tokenized without specials, as
-ROME does (`experiments/py/eval_utils_*.py`). With prompt tokens p_1..p_P and target tokens
-t_1..t_T, position P-1+j predicts t_j.
+Every score teacher-forces a target after a prompt (`scoring.target_pairs`): the prompt is
+tokenized with the model's BOS rule (`lm.token_ids`); the target is scored as ``" " + target``
+tokenized without specials, as ROME does (`experiments/py/eval_utils_*.py`). With prompt tokens
+p_1..p_P and target tokens t_1..t_T, position P-1+j predicts t_j.
 
 Two families of metrics, for the three prompts of a case (edit ``prompt``, ``rephrase_prompt``,
 ``locality_prompt``):
@@ -30,9 +30,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from ..models.tokens import target_ids
+from .scoring import continuation_logprobs, target_pairs
 
 CASE_FIELDS = ("prompt", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
                "locality_ground_truth", "dataset")
@@ -53,35 +52,10 @@ def with_prefix(prompt: str, prefix: str | None) -> str:
 
 @torch.no_grad()
 def _teacher_forced(lm, prompts: list[str], targets: list[str], batch_size: int = 16):
-    """For each (prompt, target): (mean NLL per target token, argmax ids, target ids).
-
-    Rows are right-padded, so under the causal mask padding never reaches a scored position.
-    """
-    if isinstance(prompts, str) or isinstance(targets, str):
-        raise TypeError("prompts and targets must be lists of strings, not one string")
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    if not prompts:
-        raise ValueError("no prompts: give at least one (prompt, target) pair")
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        pairs = []
-        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
-            p = lm.token_ids(prompt)
-            if not p:
-                raise ValueError(f"prompt {prompt!r} has no tokens; the first target token needs a context "
-                                 f"(model {lm.spec.name} adds no BOS)")
-            pairs.append((p, target_ids(lm, target)))
-        rows = [torch.tensor(p + t) for p, t in pairs]
-        pad = lm.tok.pad_token_id if lm.tok.pad_token_id is not None else 0
-        ids = pad_sequence(rows, batch_first=True, padding_value=pad).to(lm.device)
-        mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True).to(lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        for i, (p, t) in enumerate(pairs):
-            logp = logits[i, len(p) - 1:len(p) + len(t) - 1].float().log_softmax(-1).cpu()
-            t = torch.tensor(t)
-            out.append((-logp.gather(1, t[:, None]).mean(), logp.argmax(-1), t))
-    return out
+    """For each (prompt, target): (mean NLL per target token, argmax ids, target ids), by `scoring`."""
+    pairs = target_pairs(lm, prompts, targets)
+    return [(-logp.mean(), pred, torch.tensor(t))
+            for (logp, pred), (_, t) in zip(continuation_logprobs(lm, pairs, batch_size), pairs)]
 
 
 def target_nll(lm, prompts: list[str], targets: list[str], batch_size: int = 16) -> torch.Tensor:

@@ -6,6 +6,7 @@ perplexity of the model as edited so far, and the cumulative parameter change of
 touched so far against the unedited model (‖W_t − W_0‖, ‖W_t − W_0‖/‖W_0‖, the norm growth
 ‖W_t‖/‖W_0‖ and the condition number σ_max/σ_min of W_t, the indicators that PRUNE and NAS
 follow). Step 0 is the unedited model. Optional downstream scores are taken at chosen steps.
+`sequential_runs` runs every editor on every case sequence (the paper's hard and normal cases).
 
 A killed run resumes from its last completed edit, and goes on as the run that was killed would
 have: rows equal (timings aside) and weights bit-identical. After each edit its row's own
@@ -30,6 +31,7 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -42,7 +44,9 @@ from .single import apply_case
 from ..models.loading import LoadedModel
 from ..models.nethook import get_parameter
 from ..paths import in_repo
+from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
 from ..results.store import ResultStore
+from ..results.tables import sequential_rows
 
 SEQ_KEY = ("experiment", "run", "model", "editor", "step")
 DOWNSTREAM_KEY = SEQ_KEY + ("task", "metric")
@@ -122,7 +126,7 @@ def _fingerprint(lm: LoadedModel, editor, cases: list[dict], run: str) -> str:
 def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStore, run: str,
                    experiment: str = "sequential", ppl_size: int = 50, state_dir: str | Path = "results/state",
                    downstream_steps=(), downstream_store: ResultStore | None = None, downstream_kwargs=None,
-                   threshold: float = perplexity.COLLAPSE_THRESHOLD, editor_kwargs: dict | None = None,
+                   threshold: float = COLLAPSE_THRESHOLD, editor_kwargs: dict | None = None,
                    checkpoint_steps=(), checkpoint_ppl_size: int = 1000) -> int:
     """Edit the model with every case in order (one `editor`, a name or an Editor), one row per step.
 
@@ -142,6 +146,31 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
     with store.writing(), (downstream_store.writing() if downstream_store is not None else nullcontext()):
         return _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps,
                     downstream_store, downstream_kwargs, threshold, dict.fromkeys(checkpoint_steps, checkpoint_ppl_size))
+
+
+def sequential_runs(lm: LoadedModel, editors, runs: dict[str, list[dict]], store: ResultStore,
+                    experiment: str = "sequential", ppl_size: int = 50, state_dir: str | Path = "results/state",
+                    downstream_store: ResultStore | None = None, downstream_kwargs=None,
+                    downstream_at_start: bool = False, checkpoint_ppl_size: int | None = None,
+                    n_checkpoints: int = 5) -> pd.DataFrame:
+    """The paper's sequential setting (Sec. 4.2): every editor (a name or an Editor) on every run ({name: cases},
+    each from the unedited model; an empty run is skipped), through `sequential_run`. Downstream scores go to
+    `downstream_store` (where given) at each run's last step, and at step 0 too with `downstream_at_start`;
+    with `checkpoint_ppl_size`, ME-PPL_<checkpoint_ppl_size> is measured at `n_checkpoints` evenly spaced
+    steps, the first and the last included. Returns these runs' steps on ME-PPL_<ppl_size> (`sequential_rows`)."""
+    for editor in editors:
+        for run, cases in runs.items():
+            if not cases:
+                continue
+            n = len(cases)
+            checkpoints = (sorted({round(i * n / (n_checkpoints - 1)) for i in range(n_checkpoints)})
+                           if checkpoint_ppl_size else ())
+            sequential_run(lm, editor, cases, store, run=run, experiment=experiment, ppl_size=ppl_size,
+                           state_dir=state_dir, downstream_store=downstream_store, downstream_kwargs=downstream_kwargs,
+                           downstream_steps=(0, n) if downstream_at_start else (n,), checkpoint_steps=checkpoints,
+                           checkpoint_ppl_size=checkpoint_ppl_size or 1000)
+    names = [e if isinstance(e, str) else e.name for e in editors]
+    return sequential_rows(store, lm.spec.name, names, list(runs), experiment, ppl_size=ppl_size)
 
 
 def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps, downstream_store,
@@ -182,7 +211,7 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
                                    cond_0.get(n)) for n in original}
         cond_0.update({n: t["cond_0"] for n, t in tensors.items()})
         store.append(dict(ids, step=step, n_steps=len(cases), **_case_columns(case), **row, ppl=ppl["mean"],
-                          ppl_median=ppl["median"], ppl_size=ppl_size, collapsed=bool(perplexity.is_collapsed(ppl["mean"], threshold)),
+                          ppl_median=ppl["median"], ppl_size=ppl_size, collapsed=bool(is_collapsed(ppl["mean"], threshold)),
                           tensors=tensors, **_worst(tensors)))
         written += 1
 

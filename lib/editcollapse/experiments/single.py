@@ -8,7 +8,6 @@
   case (`FailedEdit`) is not stored, so that a rerun retries it.
 - `first_token_cases` / `quick_sample`: the cases where collapse is expected ("The Fall of
   ROME", Sec. 3: the subject is the first token of the prompt) mixed with random ones.
-- `hardcf`: the collapse cases of a sweep in CounterFact format with their perplexity.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .. import data
@@ -26,7 +24,9 @@ from ..eval import metrics, perplexity
 from ..editors import EditError, EditRequest, get_editor
 from ..models.tokens import subject_last_index
 from ..models.loading import LoadedModel
-from ..paths import atomic_write_text, data_dir, in_repo
+from ..paths import data_dir, in_repo
+from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
+from ..results.query import select
 from ..results.store import ResultStore, run_cases
 
 ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
@@ -77,7 +77,7 @@ class FailedEdit(RuntimeError):
 
 
 def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl_original: float | None = None,
-                    threshold: float = perplexity.COLLAPSE_THRESHOLD, raise_failures: bool = False) -> dict:
+                    threshold: float = COLLAPSE_THRESHOLD, raise_failures: bool = False) -> dict:
     """Edit, measure, undo. Returns a flat row: the case, edit metrics, ME-PPL perplexity, and the
     result's scalar diagnostics (the common ones and whatever this editor reports).
 
@@ -113,7 +113,7 @@ def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl
     finally:
         result.undo()
     row.update(ppl=ppl["mean"], ppl_median=ppl["median"], ppl_size=ppl_size,
-               collapsed=bool(perplexity.is_collapsed(ppl["mean"], threshold)),
+               collapsed=bool(is_collapsed(ppl["mean"], threshold)),
                **result.scalars(), test_prefix=result.test_prefix,
                seconds_edit=result.seconds["total"], seconds_total=time.perf_counter() - t0)
     if ppl_original is not None:
@@ -167,24 +167,6 @@ def results_store(results_dir: str | Path, name: str) -> ResultStore:
     return ResultStore(in_repo(results_dir) / f"{name}.jsonl", key=ROW_KEY)
 
 
-def hardcf(rows, path: str | Path | None = None, threshold: float = perplexity.COLLAPSE_THRESHOLD) -> list[dict]:
-    """Collapse cases of a CounterFact sweep (pandas rows) in CounterFact format, with their perplexity."""
-    hard = rows[(rows["dataset"] == "counterfact") & (rows["ppl"] > threshold)].sort_values("ppl", ascending=False)
-    cf = {c["case_id"]: c for c in data.load_counterfact()}
-    out = [dict(cf[int(r.case_id)], model=r.model, editor=r.editor, ppl=float(r.ppl),
-                first_token=bool(r.first_token)) for r in hard.itertuples()]
-    if path is not None:
-        atomic_write_text(in_repo(path), json.dumps(out, indent=1))
-    return out
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (scipy)."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(np.asarray(x), np.asarray(y)).statistic)
-
-
 def downstream_rows(lm: LoadedModel, editor_name: str | None, case: dict | None, n: int | None,
                     seed: int = 0, tasks=None) -> list[dict]:
     """Downstream scores of the original model (`case` None) or of the model edited on `case`.
@@ -235,13 +217,9 @@ def hard_and_normal_cases(lm: LoadedModel, store: ResultStore, n: int, n_screen:
         if n_screen:
             single_edit_sweep(lm, "rome", first_token_cases(lm, cf, n_screen, seed), store, experiment=experiment,
                               ppl_size=ppl_size)
-        rows = store.read()
-        if rows.empty or "collapsed" not in rows:
-            hard_ids = []
-        else:
-            hit = rows[(rows.experiment == experiment) & (rows.model == lm.spec.name) & (rows.editor == "rome")
-                       & (rows.dataset == "counterfact") & rows.error.isna() & (rows.collapsed == True)]  # noqa: E712
-            hard_ids = sorted(int(i) for i in hit.case_id)[:n]
+        hit = select(store, ok=True, experiment=experiment, model=lm.spec.name, editor="rome", dataset="counterfact",
+                     collapsed=True)
+        hard_ids = sorted(int(i) for i in hit.case_id)[:n]
     hard = [by_id[i] for i in hard_ids]
     pool = [c for c in data.load_counterfact(n=20 * max(1, len(hard)), seed=seed)
             if c["case_id"] not in set(hard_ids) and not subject_is_first_token(lm, c)]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..paths import cache_dir, data_dir
+from .tokens import pad_ids
 
 
 @dataclass(frozen=True)
@@ -141,19 +142,6 @@ class LoadedModel:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids, mask = pad_ids([self.token_ids(t) for t in texts], pad, left=False, device=self.device)
         return {"input_ids": ids, "attention_mask": mask}
-
-
-def pad_ids(rows: list[list[int]], pad: int, left: bool = False, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows as one padded batch (ids, attention mask); `left` puts the padding first."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            cols = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, cols] = torch.tensor(r, dtype=torch.long)
-            mask[i, cols] = 1
-    return ids.to(device), mask.to(device)
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -26,17 +26,6 @@ never deleted. A complete last row without its newline is a row like any other. 
 a key are reported when the store is opened; `read()` keeps the last of them. A JSON object that
 lacks a key column is an error (`StoreError`): the file was probably opened with the wrong key.
 
-Sharding one sweep over n processes (e.g. one per GPU), all given the same items:
-
-    run_cases(store, items, fn, key_of, shard=(i, n))   # in process i = 0 .. n-1
-    merge_shards(store)                                  # once, after all n have finished
-
-Process i runs the items whose key hashes to i (mod n), by SHA-256 of the key, the same in every
-process; it skips keys already in the main store and writes its own file ``<name>.shard-i-of-n.jsonl``
-(a killed shard resumes like any sweep). `merge_shards` appends the shard rows that the main store
-lacks or holds as error rows, without duplicates, then removes the shard files; it refuses while a
-shard is still written.
-
 Values are converted to JSON: numpy scalars and arrays and torch tensors become Python
 numbers and lists, tuples become lists. NaN and +-inf are written as Python's json writes
 them (`NaN`, `Infinity`, `-Infinity`, outside strict JSON) and read back as floats.
@@ -46,7 +35,6 @@ in Python (3, 3.0, numpy.int64(3)) are the same key, while '3' and 3 are not.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -137,8 +125,7 @@ def _lock(lock_path: Path, data_path: Path) -> str:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "pid unknown"
             os.close(fd)
             raise StoreLocked(f"{data_path} is being written by another process ({holder}; lock {name}). One "
-                              "writer per store: wait for it to finish, or shard the sweep with "
-                              "run_cases(..., shard=(i, n))") from None
+                              "writer per store: wait for it to finish") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         _HELD[name] = [fd, 1]
@@ -380,24 +367,8 @@ class ResultStore:
             self._sig, self._ends_clean = self._stat(), True
         return True
 
-    def shard(self, i: int, n: int) -> "ResultStore":
-        """The store of shard i of n: ``<name>.shard-i-of-n.jsonl`` next to this one, same key."""
-        if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
-            raise ValueError(f"shard must be (i, n) with integers 0 <= i < n, not {(i, n)!r}")
-        return ResultStore(self.path.with_name(f"{self.path.stem}.shard-{i}-of-{n}{self.path.suffix}"), self.key)
 
-    def shard_paths(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.stem}.shard-*-of-*{self.path.suffix}"))
-
-
-def shard_of(key: tuple, n: int) -> int:
-    """The shard (0..n-1) of a normalized key: SHA-256 of its JSON, equal keys (3, 3.0, True) alike."""
-    canon = [int(v) if isinstance(v, bool) or (isinstance(v, float) and v.is_integer()) else v for v in key]
-    return int.from_bytes(hashlib.sha256(_dumps(canon).encode("utf-8", "surrogatepass")).digest()[:8], "big") % n
-
-
-def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None,
-              shard: tuple[int, int] | None = None, retry_errors: bool = False) -> int:
+def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None, retry_errors: bool = False) -> int:
     """Call fn(item) -> row for every item whose key_of(item) is not done yet; append each row.
 
     `fn` may return None: nothing is stored for the item, and the next run calls it again (a failure
@@ -405,26 +376,23 @@ def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None,
     from key_of(item) is an error (it would be redone forever). The store's lock is held
     throughout, so a second writer fails before any work; a key that another thread stores
     meanwhile is skipped. ``retry_errors=True`` runs the items whose row is an error row again
-    (the new row supersedes it). With ``shard=(i, n)`` only the items of shard i are run, into
-    ``store.shard(i, n)`` (see the module docstring). Returns the rows written.
+    (the new row supersedes it). Returns the rows written.
     """
-    target = store if shard is None else store.shard(*shard)
     include_errors = not retry_errors
     written = 0
-    with target.writing():
-        done = target.done(include_errors) | (store.done(include_errors) if shard is not None else set())
+    with store.writing():
+        done = store.done(include_errors)
         pending, seen = [], set()
         for item in items:
             k = store.normalize_key(key_of(item))
             if k in seen:
                 raise ValueError(f"two items share the key {dict(zip(store.key, k))}")
             seen.add(k)
-            if k not in done and (shard is None or shard_of(k, shard[1]) == shard[0]):
+            if k not in done:
                 pending.append((k, item))
-        ran = "" if shard is None else f"shard {shard[0]} of {shard[1]}, "
-        label = f"{desc or store.path.stem} ({ran}{len(seen & done)} done before)"
+        label = f"{desc or store.path.stem} ({len(seen & done)} done before)"
         for k, item in tqdm(pending, desc=label):
-            if k in target.done(include_errors):  # another thread stored it meanwhile
+            if k in store.done(include_errors):  # another thread stored it meanwhile
                 continue
             got = fn(item)
             if got is None:
@@ -432,30 +400,5 @@ def run_cases(store: ResultStore, items, fn, key_of, desc: str | None = None,
             row = {**dict(zip(store.key, k)), **got}
             if store.normalize_key([row[c] for c in store.key]) != k:
                 raise ValueError(f"fn returned a row keyed {[row[c] for c in store.key]} for the item keyed {list(k)}")
-            written += target._put(row, retry_errors, refuse=False)
+            written += store._put(row, retry_errors, refuse=False)
     return written
-
-
-def merge_shards(store: ResultStore) -> int:
-    """Append to `store` the rows of its shard files that it lacks or holds as error rows (a duplicated
-    key keeps its last row, as `read()` does), then delete the shard files. A shard still being written
-    raises StoreLocked before anything changes. Returns the rows added."""
-    shards = [ResultStore(p, store.key) for p in store.shard_paths()]
-    added = 0
-    with store.writing():
-        try:
-            for s in shards:
-                s._become_writer()
-            for s in shards:
-                rows, _ = s._scan(s._bytes())
-                for k, row in {k: row for _, row, k in rows}.items():
-                    if k not in store.done(include_errors=False):
-                        store.append(row, replace_error=True)
-                        added += 1
-            for s in shards:
-                s.path.unlink()
-                s.lock_path.unlink(missing_ok=True)
-        finally:
-            for s in shards:
-                s.close()
-    return added

@@ -1,6 +1,6 @@
-"""Queries and summaries over the results store that more than one notebook needs.
+"""Summaries over result rows that more than one notebook needs.
 
-- `sweep_rows`: the rows of one sweep (experiment, model, editors) for a given sample of cases.
+- `sweep_rows` / `sequential_rows`: the rows of one sweep or of sequential runs (through `query.select`).
 - `label_cases`: "collapse" / "normal" per row, and the label the same case got under a reference
   editor (ROME), so that C-ROME and the others can be compared on ROME's collapse cases.
 - `single_edit_table`: the Butterfly-Effect single-editing comparison, one row per (editor,
@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..eval.perplexity import COLLAPSE_THRESHOLD
+from .labels import COLLAPSE_THRESHOLD, is_collapsed
+from .query import select
 
 HEADLINE = ("efficacy", "generalization", "locality")
 
 
-def sweep_rows(rows: pd.DataFrame, experiment: str, model: str, editors, cases: dict[str, list[dict]]) -> pd.DataFrame:
+def sweep_rows(rows, experiment: str, model: str, editors, cases: dict[str, list[dict]]) -> pd.DataFrame:
     """Rows of `experiment` on `model` by `editors` for the sampled `cases` ({dataset: [case, ...]})."""
-    wanted = {(d, c["case_id"]) for d, sample in cases.items() for c in sample}
-    if rows.empty:
-        return rows
-    keys = pd.Series(list(zip(rows.dataset, rows.case_id)), index=rows.index)
-    picked = rows[(rows.experiment == experiment) & (rows.model == model) & rows.editor.isin(list(editors))
-                  & keys.isin(wanted)]
-    return picked.reset_index(drop=True)
+    return select(rows, cases=cases, experiment=experiment, model=model, editor=list(editors))
 
 
 def label_cases(rows: pd.DataFrame, reference: str = "rome") -> pd.DataFrame:
@@ -52,7 +47,7 @@ def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD)
     refused = (rows.groupby(["editor", "dataset"]).error.apply(lambda e: int(e.notna().sum()))
                if "error" in rows else 0)
     table = ok.groupby(["editor", "dataset"]).agg(
-        edits=("case_id", "size"), collapsed=("ppl", lambda p: int((p > threshold).sum())),
+        edits=("case_id", "size"), collapsed=("ppl", lambda p: int(is_collapsed(p, threshold).sum())),
         max_ppl=("ppl", "max"), median_ppl=("ppl", "median"),
         **{m: (m, "mean") for m in HEADLINE if m in ok},
         median_rel_change=("rel_change", "median"), seconds_edit=("seconds_edit", "median"))
@@ -62,20 +57,21 @@ def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD)
     return table
 
 
-def sequential_rows(rows: pd.DataFrame, model: str, editors, runs, experiment: str = "sequential") -> pd.DataFrame:
-    """The steps of the sequential runs `runs` of `editors` on `model`, sorted by editor, run and step."""
-    if rows.empty:
-        return rows
-    picked = rows[(rows.experiment == experiment) & (rows.model == model) & rows.editor.isin(list(editors))
-                  & rows.run.isin(list(runs))]
-    return picked.sort_values(["editor", "run", "step"]).reset_index(drop=True)
+def sequential_rows(rows, model: str, editors, runs, experiment: str = "sequential",
+                    ppl_size: int | None = None) -> pd.DataFrame:
+    """The steps of the sequential runs `runs` of `editors` on `model` (measured on ME-PPL_<ppl_size>, where
+    given), sorted by editor, run and step."""
+    where = dict(experiment=experiment, model=model, editor=list(editors), run=list(runs))
+    if ppl_size is not None:
+        where["ppl_size"] = ppl_size
+    return select(rows, sort=["editor", "run", "step"], **where)
 
 
 def collapse_steps(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD) -> pd.DataFrame:
-    """Per (editor, run): steps, the first step whose perplexity exceeds the threshold (NaN: never),
+    """Per (editor, run): steps, the first collapsed step (`labels.is_collapsed`; NaN: never),
     perplexity before and after the last step, and the largest relative change of a touched tensor."""
     def one(g):
-        over = g[g.ppl > threshold]
+        over = g[is_collapsed(g.ppl, threshold)]
         return pd.Series(dict(steps=int(g.step.max()), first_collapse_step=over.step.min() if len(over) else float("nan"),
                               ppl_start=g.ppl[g.step == 0].iloc[0] if (g.step == 0).any() else float("nan"),
                               ppl_end=g.ppl[g.step == g.step.max()].iloc[0], ppl_max=g.ppl.max(),
