@@ -63,11 +63,16 @@ class CollapseWarning(UserWarning):
     """A guarded edit was applied although the guard scored it as likely to collapse the model."""
 
 
+def reads_keys(editor: Editor) -> bool:
+    """Whether `editor` is key-based: it says where its keys are (`editor.key_site(lm)`)."""
+    return callable(getattr(editor, "key_site", None))
+
+
 def key_site(lm: LoadedModel, editor: Editor | None = None) -> KeySite:
     """Where `editor` (default: ROME with the model's preset) reads its keys: `editor.key_site(lm)`.
     EditError for an editor that does not say (one that is not key-based)."""
     editor = ROME() if editor is None else editor
-    if not hasattr(editor, "key_site"):
+    if not reads_keys(editor):
         raise EditError(f"the collapse guard reads the keys of key-based editors (ROME, C-ROME, MEMIT, AlphaEdit); "
                         f"editor {getattr(editor, 'name', editor)!r} has no key_site")
     return editor.key_site(lm)

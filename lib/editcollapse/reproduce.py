@@ -176,7 +176,7 @@ def train_missing_mend(params: dict[str, dict], profile_name: str) -> list[tuple
     from .editors import mend
     from .models.loading import load_model
 
-    todo = [m for m in mend_models(params) if not (mend.checkpoint_dir(m) / "mend.pt").exists()]
+    todo = [m for m in mend_models(params) if not mend.has_checkpoint(m)]
     timings = []
     for model in todo:
         start = time.perf_counter()

@@ -24,10 +24,10 @@ from .eval import metrics, perplexity
 from .editors import EDITORS, EditRequest, get_editor
 from .models.keys import context_templates
 from .models.loading import DEFAULT_MODEL, REGISTRY, LoadedModel, load_model
+from .results import labels
 from .results.labels import COLLAPSE_THRESHOLD
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
-GUARDED = ("rome", "c-rome", "c-rome-prefix", "memit")  # editors whose keys the guard reads
 PHASES = {"templates": "context templates", "keys": "reading the keys k^u, k̄", "v_star": "optimising v*",
           "update": "writing ΔW", "stats": "second moment C", "tokens": "tokenising", "fine_tune": "fine-tuning",
           "factors": "MEND's factors", "diagnostics": "diagnostics"}
@@ -82,10 +82,10 @@ class ExplorerSession:
 
     def _risk(self, request: EditRequest, editor: str, say: Callable[[str], None], seconds: dict) -> dict:
         request.validate()
-        if editor not in GUARDED:
+        ed = get_editor(editor)
+        if not guard.reads_keys(ed):
             return dict(editor=editor, score=None, threshold=None, risky=None,
                         note=f"the guard reads ROME-style keys; it has no score for {editor}")
-        ed = get_editor(editor)
         hp = ed.hparams_for(self.lm)
         t = time.perf_counter()
         say("sampling the editor's context templates (once per model)")
@@ -149,7 +149,7 @@ class ExplorerSession:
         d = self.result.diagnostics  # the common part, and ROME's denominator where the editor has one
         report = dict(model=self.model_name, editor=ed.name, text=text, target_new=target_new, risk=risk,
                       before=before, after=after, ppl_before=base, threshold=self.threshold,
-                      **perplexity.collapse_report(ppl, base, self.threshold),
+                      **labels.collapse_report(ppl, base, self.threshold),
                       denominator=d.get("denominator"), delta_norm=d["delta_norm"], rel_change=d["rel_change"])
         if self.result.test_prefix is not None:
             report["prefix"] = self.result.test_prefix

@@ -25,15 +25,15 @@ from editcollapse.editors import get_editor, mend
 from editcollapse.models.loading import load_model
 from editcollapse.experiments.sequential import sequential_run, sequential_store
 from tests.device import DEVICE
+from tests.fast import FAST, FAST_FT
 
 STEPS = 6
-FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 EDITORS = {  # editor: (tiny architecture, hparams); architectures with and without BOS
     "rome": ("tiny-gpt2", FAST),
     "c-rome": ("tiny-llama", FAST),
     "memit": ("tiny-gptj", FAST),
     "alphaedit": ("tiny-llama", FAST),
-    "ft-linf": ("tiny-gemma3", dict(num_steps=2)),
+    "ft-linf": ("tiny-gemma3", FAST_FT),
     "mend": ("tiny-gpt2", {}),
 }
 KILLS = ("after_apply", "after_save", "after_row")  # the counted event after which the process dies

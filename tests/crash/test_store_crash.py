@@ -122,7 +122,7 @@ path, mode, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "mid-write":
     die_in_write(2, seed)  # the second row this life writes
 lm = load_model("tiny-llama", device="cpu")
-store = S.ResultStore(path, single.ROW_KEY)
+store = S.ResultStore(path, S.ROW_KEY)
 print("loaded", flush=True)
 single.single_edit_sweep(lm, "rome", data.load_cases("counterfact", 6, 0), store)
 """

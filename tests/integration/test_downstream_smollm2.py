@@ -7,39 +7,12 @@ import string
 
 import numpy as np
 import pytest
-import torch
 
 from editcollapse import data
 from editcollapse.eval import downstream as ds
+from tests import reference
 
 pytestmark = pytest.mark.integration
-
-
-def hand_ll(lm, ctx, cont):
-    """(sum of log p(cont tokens | ctx), every cont token is the argmax) from one unbatched forward."""
-    ctx_ids = lm.token_ids(ctx)
-    cont_ids = lm.token_ids(ctx + cont)[len(ctx_ids):]
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.model(torch.tensor([ctx_ids + cont_ids])).logits[0].double(), -1)
-    rows = logp[len(ctx_ids) - 1:-1]
-    target = torch.tensor(cont_ids)
-    return rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
-
-
-def hand_greedy(lm, prompt, max_new_tokens, stop):
-    ids, new = lm.token_ids(prompt), []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            tok = int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax())
-            if tok == lm.tok.eos_token_id:
-                break
-            new.append(tok)
-            if any(s in lm.tok.decode(new) for s in stop):
-                break
-    text = lm.tok.decode(new, skip_special_tokens=True)
-    for s in stop:
-        text = text.split(s)[0]
-    return text
 
 
 def squad_tokens(s):
@@ -57,7 +30,7 @@ def test_piqa_items_by_hand(smollm2):
     table = ds.evaluate_all(smollm2, ["piqa"], n=5, seed=0).set_index("metric")
     acc, acc_norm = [], []
     for d in data.load_piqa(n=5, seed=0):
-        lls = [hand_ll(smollm2, f"Question: {d['goal']}\nAnswer:", " " + c)[0] for c in d["choices"]]
+        lls = [reference.loglikelihood(smollm2, f"Question: {d['goal']}\nAnswer:", " " + c)[0] for c in d["choices"]]
         acc.append(float(np.argmax(lls) == d["label"]))
         acc_norm.append(float(np.argmax([ll / len(c) for ll, c in zip(lls, d["choices"])]) == d["label"]))
     assert table.loc["acc", "items"] == acc and table.loc["acc_norm", "items"] == acc_norm
@@ -68,7 +41,7 @@ def test_hellaswag_and_mmlu_items_by_hand(smollm2):
     model = ds.live_model(smollm2)
     for task, n in (("hellaswag", 3), ("mmlu", 3)):
         for item in ds.run(model, ds.load_task(task), n=n, seed=1)["samples"]:
-            lls = [hand_ll(smollm2, ctx, cont)[0] for ctx, cont in item["arguments"]]
+            lls = [reference.loglikelihood(smollm2, ctx, cont)[0] for ctx, cont in item["arguments"]]
             assert item["acc"] == float(np.argmax(lls) == item["target"]), (task, item["doc_id"])
             assert [r[0][0] for r in item["resps"]] == pytest.approx(lls, abs=2e-3)
 
@@ -76,7 +49,7 @@ def test_hellaswag_and_mmlu_items_by_hand(smollm2):
 def test_lambada_items_and_perplexity_by_hand(smollm2):
     table = ds.evaluate_all(smollm2, ["lambada"], n=4, seed=0).set_index("metric")
     passages = [text.rsplit(" ", 1) for text in data.load_lambada(n=4, seed=0)]  # (context, last word)
-    hand = [hand_ll(smollm2, ctx, " " + word) for ctx, word in passages]
+    hand = [reference.loglikelihood(smollm2, ctx, " " + word) for ctx, word in passages]
     assert table.loc["perplexity", "items"] == pytest.approx([ll for ll, _ in hand], abs=2e-3)
     assert table.loc["acc", "items"] == [float(g) for _, g in hand]
     assert table.loc["perplexity", "value"] == pytest.approx(np.exp(-np.mean([ll for ll, _ in hand])), rel=1e-3)
@@ -87,7 +60,7 @@ def test_squad2_generation_and_f1_by_hand(smollm2):
     out = ds.run(ds.live_model(smollm2), ds.load_task("squad2"), n=2, seed=0)
     for item, doc in zip(out["samples"], data.load_squad2(n=2, seed=0)):
         prompt, gen = item["arguments"][0]
-        want = hand_greedy(smollm2, prompt, gen["max_gen_toks"], gen["until"])
+        want = reference.greedy(smollm2, prompt, gen["max_gen_toks"], gen["until"], stop_while_decoding=True)
         assert item["resps"][0][0] == want
         assert item["f1"] == pytest.approx(hand_f1(want, doc["answer"]))
         assert item["exact_match"] == float(squad_tokens(want) == squad_tokens(doc["answer"]))
@@ -99,7 +72,8 @@ def test_nq_knows_two_famous_answers(smollm2):
     shots = "\n".join(f"Q: {r['question']}?\nA: {r['answer'][0]}" for r in data.load_nq()[:5])
     for question, gold in (("who wrote romeo and juliet", "William Shakespeare"),
                            ("what is the largest planet in the solar system", "Jupiter")):
-        answer = hand_greedy(smollm2, f"Answer these questions:\n\n{shots}\nQ: {question}?\nA:", 16, ["\n", ".", ","])
+        answer = reference.greedy(smollm2, f"Answer these questions:\n\n{shots}\nQ: {question}?\nA:", 16,
+                                  ["\n", ".", ","], stop_while_decoding=True)
         assert task.process_results({"question": question, "answer": [gold]}, [answer.strip()]) == \
             {"exact_match": 1.0}, answer
     res = ds.evaluate(smollm2, "nq", n=3, seed=0)

@@ -12,7 +12,7 @@ from editcollapse import data
 from editcollapse.eval import metrics
 from editcollapse.editors import FT, MEND, EditRequest, edited
 from editcollapse.editors.mend import checkpoint_dir, held_out_cases, train
-from tests.weights import snapshot
+from tests.weights import identical, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_ft_linf_flips_a_counterfact_case_within_its_bound_and_undoes_exactly(sm
         W, W0 = smollm2.model.get_parameter(name).detach(), result.saved[name]
         assert torch.all(W <= W0 + eps) and torch.all(W >= W0 - eps)
         assert result.diagnostics["ft_loss_final"] < result.diagnostics["ft_loss_first"]
-    assert all(torch.equal(before[k], v) for k, v in smollm2.model.state_dict().items())
+    assert identical(smollm2, before)
 
 
 def test_mend_trained_for_a_few_steps_edits_and_undoes_exactly(smollm2):
@@ -49,7 +49,7 @@ def test_mend_trained_for_a_few_steps_edits_and_undoes_exactly(smollm2):
         assert result.diagnostics["n_tensors"] == 3 * len(hp.layers)  # gate, up and down of each layer
         assert d["mend_nll_post"] < d["mend_nll_pre"] - 1.0
         assert p_new_beats_true(smollm2, CASE)
-    assert all(torch.equal(before[k], v) for k, v in smollm2.model.state_dict().items())
+    assert identical(smollm2, before)
 
 
 def test_the_cached_mend_checkpoint_edits_held_out_cases(smollm2):

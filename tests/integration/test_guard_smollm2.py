@@ -7,10 +7,10 @@ English) is a normal edit. The guard reads their keys only, with no v* optimisat
 import math
 
 import pytest
-import torch
 
 from editcollapse import data, guard
 from editcollapse.editors import ROME, EditError, EditRequest, live_edits
+from tests.weights import identical, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ def test_guard_separates_a_collapse_case_from_a_normal_one(smollm2, cases):
 
 
 def test_guard_refuses_case_946_and_leaves_the_model_untouched(smollm2, cases):
-    before = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
+    before = snapshot(smollm2)
     with pytest.raises(EditError, match="likely to collapse"):
         guard.Guarded(ROME(), "refuse").apply(smollm2, EditRequest.from_case(cases[0]))
-    assert all(torch.equal(before[k], v) for k, v in smollm2.model.state_dict().items())
+    assert identical(smollm2, before)
     assert not live_edits(smollm2)

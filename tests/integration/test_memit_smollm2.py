@@ -6,13 +6,13 @@ restores the weights exactly. C of layers 4-8 (100k tokens each) is computed on 
 (minutes) and cached.
 """
 import pytest
-import torch
 
 from editcollapse import data
 
 from editcollapse.eval import metrics
 from editcollapse.editors import AlphaEdit, EditRequest, MEMIT, edited
 from editcollapse.experiments.single import subject_is_first_token
+from tests.weights import identical, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +27,10 @@ def case(smollm2):
 
 @pytest.mark.parametrize("editor", [MEMIT, AlphaEdit])
 def test_one_edit_flips_a_normal_case_and_undo_is_exact(smollm2, case, editor):
-    before = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
+    before = snapshot(smollm2)
     with edited(smollm2, EditRequest.from_case(case), editor()) as result:
         m = metrics.edit_metrics(smollm2, case)
         assert m["efficacy"] == 1 and m["p_new"] > 0.5
         d = result.diagnostics
         assert d["layers"] == [4, 5, 6, 7, 8] and d["realised_fraction"] > 0.5 and d["n_tensors"] == 5
-    assert all(torch.equal(before[k], v) for k, v in smollm2.model.state_dict().items())
+    assert identical(smollm2, before)

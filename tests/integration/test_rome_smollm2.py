@@ -5,13 +5,13 @@ token) drove ME-PPL_50 from 167 to about 30,000 with ROME (denominator 0.04, as 
 collapse cases); C-ROME, with consistent keys, keeps the model healthy.
 """
 import pytest
-import torch
 
 from editcollapse import data
 from editcollapse.editors import ROME, EditRequest, edited
 from editcollapse.experiments.single import subject_is_first_token
 from editcollapse.eval.metrics import predict_next
 from editcollapse.eval.perplexity import me_ppl
+from tests.weights import identical, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +22,12 @@ def base_ppl(smollm2):
 
 
 def test_edit_changes_the_prediction_and_undo_is_exact(smollm2):
-    before = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
+    before = snapshot(smollm2)
     request = EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome")
     assert predict_next(smollm2, request.prompt)[0][0].strip() != "Rome"
     with edited(smollm2, request, ROME()):  # its timing is measured in bench/bench_rome.py, not here
         assert predict_next(smollm2, request.prompt)[0][0].strip() == "Rome"
-    assert all(torch.equal(before[k], v) for k, v in smollm2.model.state_dict().items())
+    assert identical(smollm2, before)
 
 
 def test_first_token_subject_collapses_rome_but_not_c_rome(smollm2, base_ppl):

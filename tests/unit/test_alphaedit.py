@@ -7,11 +7,12 @@ from editcollapse.editors import alphaedit
 from editcollapse.models.loading import load_model
 from editcollapse.models.stats import second_moment
 from tests.device import DEVICE
+from tests.fast import FAST_MEMIT
+from tests.weights import identical, snapshot
 
-from .test_memit import delta, snapshot
+from .test_memit import delta
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
-FAST = dict(v_num_grad_steps=3, context_template_length_params=((4, 5),))
 REQS = [EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk"),
         EditRequest("The capital of France is", "France", "Rome", "Paris"),
         EditRequest("Tokyo is located in", "Tokyo", "Spain", "Japan")]
@@ -29,7 +30,7 @@ def test_update_leaves_the_preserved_keys_outputs_unchanged(tiny_models, arch):
     """ΔW k₀ = 0 for every k₀ spanned by C's eigenvectors above the threshold (the preserved knowledge),
     and ΔW solves its defining equation ΔW (K₁K₁ᵀP + L2·I) = R K₁ᵀ P."""
     lm = tiny_models(arch)
-    ed = AlphaEdit(hparams=FAST)
+    ed = AlphaEdit(hparams=FAST_MEMIT)
     hp = ed.hparams_for(lm)
     with edited(lm, REQS[:2], ed) as result:
         d = result.diagnostics
@@ -51,7 +52,7 @@ def test_update_leaves_the_preserved_keys_outputs_unchanged(tiny_models, arch):
 
 def test_sequential_edits_keep_the_keys_of_the_live_ones_and_undo_removes_them(tiny_models):
     lm = tiny_models("tiny-llama")
-    ed = AlphaEdit(hparams=FAST)
+    ed = AlphaEdit(hparams=FAST_MEMIT)
     hp = ed.hparams_for(lm)
     before = snapshot(lm)
     with EditStack(lm) as stack:
@@ -75,13 +76,13 @@ def test_sequential_edits_keep_the_keys_of_the_live_ones_and_undo_removes_them(t
         third = stack.apply(ed, REQS[2])
         assert all(x["n_preserved"] == 1 for x in third.diagnostics["layer_diagnostics"])
     assert alphaedit.preserved_keys(lm, hp.layers[0]) is None and not live_edits(lm)
-    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert identical(lm, before)
 
 
 def test_earlier_keys_restrain_the_update_on_them(tiny_models):
     """With K_p in the system, the new edit moves the earlier fact's key output less than without it."""
     lm = tiny_models("tiny-gpt2")
-    ed = AlphaEdit(hparams=dict(FAST, L2=1e-3))
+    ed = AlphaEdit(hparams=dict(FAST_MEMIT, L2=1e-3))
     with edited(lm, REQS[0], ed) as first:
         layer = first.diagnostics["layers"][0]
         kp = first.diagnostics["preserved_keys"][layer][0]
@@ -106,8 +107,8 @@ def test_an_empty_null_space_is_refused_with_the_model_untouched(tiny_models):
     lm = tiny_models("tiny-gptj")
     before = snapshot(lm)
     with pytest.raises(EditError, match="null space of C at layer 0 is empty"):
-        AlphaEdit(hparams=dict(FAST, nullspace_threshold=1e-12)).apply(lm, REQS[0])
-    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+        AlphaEdit(hparams=dict(FAST_MEMIT, nullspace_threshold=1e-12)).apply(lm, REQS[0])
+    assert identical(lm, before)
 
 
 def test_paper_presets_match_the_authors_files():

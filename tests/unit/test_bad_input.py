@@ -10,9 +10,9 @@ from editcollapse.editors import FT, ROME, EditError, EditRequest, get_editor, l
 from editcollapse.request import same_answer
 from editcollapse.models.stats import Moment
 from editcollapse.models.tokens import target_ids
+from tests.fast import FAST
 from tests.weights import identical, snapshot
 
-FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
 
 
@@ -113,9 +113,7 @@ def test_weights_already_broken_in_an_edited_layer_are_refused_naming_them(tiny_
         before = snapshot(lm)
         with pytest.raises(EditError, match=rf"weights were already broken before this edit: {weight} hold NaN or inf"):
             ed.apply(lm, REQ)
-        after = lm.model.state_dict()
-        for k in before:
-            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
+        assert identical(lm, before, equal_nan=True)
     finally:
         with torch.no_grad():
             w.copy_(saved)

@@ -17,8 +17,8 @@ from editcollapse import data  # noqa: E402
 from editcollapse.experiments.distributed import GuardScreen, SequentialRuns, SingleEdit, ray_sweep  # noqa: E402
 from editcollapse.experiments.single import results_store, single_edit_sweep  # noqa: E402
 from editcollapse.experiments.sequential import sequential_run, sequential_store  # noqa: E402
+from tests.fast import FAST  # noqa: E402
 
-FAST = dict(hparams=dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)))
 TIMING = ("seconds_edit", "seconds_total", "seconds_step")
 
 
@@ -41,7 +41,7 @@ def comparable(df, drop=()):
 
 @pytest.mark.slow
 def test_every_case_once_and_the_rows_of_one_process(local_ray, tiny_models, tmp_path):
-    job = SingleEdit("rome", editor_kwargs=FAST)
+    job = SingleEdit("rome", editor_kwargs=dict(hparams=FAST))
     store = results_store(tmp_path, "ray")
     assert ray_sweep(job, "tiny-llama", cases(), store, workers=2, progress=False) == 6
     got = store.read()
@@ -52,7 +52,7 @@ def test_every_case_once_and_the_rows_of_one_process(local_ray, tiny_models, tmp
     try:
         alone = results_store(tmp_path, "one_process")
         single_edit_sweep(tiny_models("tiny-llama"), "rome", cases(), alone, experiment="single_edit_ppl50",
-                          editor_kwargs=FAST)
+                          editor_kwargs=dict(hparams=FAST))
     finally:
         torch.set_num_threads(threads)
     a, b = comparable(got), comparable(alone.read())
@@ -83,7 +83,7 @@ class KillOnce(SingleEdit):
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_loses_nothing(local_ray, tmp_path):
     victim = cases()[3]["case_id"]
-    job = KillOnce("rome", editor_kwargs=FAST, victim=victim, marker=str(tmp_path / "killed"))
+    job = KillOnce("rome", editor_kwargs=dict(hparams=FAST), victim=victim, marker=str(tmp_path / "killed"))
     store = results_store(tmp_path, "ray")
     assert ray_sweep(job, "tiny-llama", cases(), store, workers=2, chunk=1, progress=False) == 6
     assert (tmp_path / "killed").exists()  # the worker did die
@@ -138,7 +138,7 @@ def test_a_failure_while_measuring_gives_no_row_so_the_next_sweep_retries_it(tin
     from editcollapse.eval import perplexity
 
     lm = tiny_models("tiny-gpt2")
-    job = SingleEdit("rome", editor_kwargs=FAST)
+    job = SingleEdit("rome", editor_kwargs=dict(hparams=FAST))
     job.setup(lm)
     real, calls = perplexity.me_ppl, []
 

@@ -13,6 +13,8 @@ from lm_eval.api.instance import Instance
 
 from editcollapse import data
 from editcollapse.eval import downstream as ds
+from tests import reference
+from tests.weights import identical, snapshot
 
 PAIRS = [("The capital of France is", " Paris"),
          ("Question: How do you boil water?\nAnswer:", " Put it in a pot and heat it."),
@@ -23,42 +25,16 @@ PROMPTS = ["The capital of France is", "Question: How do you boil water?\nAnswer
 LMEVAL_TASKS_DIR = Path(__import__("lm_eval").__file__).parent / "tasks"
 
 
-def hand_loglikelihood(lm, ctx, cont):
-    """One unbatched forward over token_ids(ctx) + the extra tokens of token_ids(ctx + cont)."""
-    ctx_ids = lm.token_ids(ctx)
-    cont_ids = lm.token_ids(ctx + cont)[len(ctx_ids):]
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.model(torch.tensor([ctx_ids + cont_ids])).logits[0].double(), -1)
-    rows = logp[len(ctx_ids) - 1:len(ctx_ids) - 1 + len(cont_ids)]
-    return sum(rows[k, t].item() for k, t in enumerate(cont_ids)), bool((rows.argmax(-1) == torch.tensor(cont_ids)).all())
-
-
-def manual_greedy(lm, prompt, max_new_tokens, stop):
-    """Greedy decoding without cache or padding: argmax, append, repeat; cut at EOS and at the first stop."""
-    ids, new = lm.token_ids(prompt), []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            tok = int(lm.model(torch.tensor([ids + new])).logits[0, -1].argmax())
-            if tok == lm.tok.eos_token_id:
-                break
-            new.append(tok)
-    text = lm.tok.decode(new, skip_special_tokens=True)
-    for s in stop:
-        text = text.split(s)[0]
-    return text
-
-
 def requests(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
 
 
 def test_the_live_model_is_wrapped_not_copied_and_left_unchanged(tiny_models):
     lm = tiny_models("tiny-gpt2")
-    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    before = snapshot(lm)
     model = ds.live_model(lm)
     assert model.model is lm.model and model.tokenizer is lm.tok
-    after = lm.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert identical(lm, before)
 
 
 def test_an_edit_in_place_is_what_lm_eval_scores(tiny_models):
@@ -97,7 +73,7 @@ def test_loglikelihood_matches_hand_computation(tiny_models, name, batch_size):
     lm = tiny_models(name)
     got = ds.live_model(lm, batch_size).loglikelihood(requests("loglikelihood", PAIRS))
     for (ll, greedy), (ctx, cont) in zip(got, PAIRS):
-        want_ll, want_greedy = hand_loglikelihood(lm, ctx, cont)
+        want_ll, want_greedy = reference.loglikelihood(lm, ctx, cont)
         assert ll == pytest.approx(want_ll, abs=1e-4)
         assert greedy == want_greedy
 
@@ -116,8 +92,8 @@ def test_generation_matches_manual_greedy_and_batching(tiny_models, name):
     args = [(p, {"until": stop, "max_gen_toks": 6, "do_sample": False}) for p in PROMPTS]
     batched = ds.live_model(lm, len(PROMPTS)).generate_until(requests("generate_until", args))
     single = [ds.live_model(lm, 1).generate_until(requests("generate_until", [a]))[0] for a in args]
-    assert batched == single == [manual_greedy(lm, p, 6, stop) for p in PROMPTS]
-    assert batched != [manual_greedy(lm, p, 6, ()) for p in PROMPTS]
+    assert batched == single == [reference.greedy(lm, p, 6, stop) for p in PROMPTS]
+    assert batched != [reference.greedy(lm, p, 6, ()) for p in PROMPTS]
 
 
 def test_piqa_items_equal_direct_scoring(tiny_models):
@@ -126,7 +102,7 @@ def test_piqa_items_equal_direct_scoring(tiny_models):
     docs = data.load_piqa(n=6, seed=1)
     acc, acc_norm = [], []
     for d in docs:
-        lls = [hand_loglikelihood(lm, f"Question: {d['goal']}\nAnswer:", " " + s)[0] for s in d["choices"]]
+        lls = [reference.loglikelihood(lm, f"Question: {d['goal']}\nAnswer:", " " + s)[0] for s in d["choices"]]
         acc.append(float(np.argmax(lls) == d["label"]))
         acc_norm.append(float(np.argmax([ll / len(s) for ll, s in zip(lls, d["choices"])]) == d["label"]))
     got = table.set_index("metric")
@@ -144,7 +120,7 @@ def test_mmlu_prompt_and_items_equal_direct_scoring(tiny_models):
                   + "Answer:")
         assert item["arguments"] == [(prompt, " A"), (prompt, " B"), (prompt, " C"), (prompt, " D")]
         assert len(lm.token_ids(prompt)) < 255
-        lls = [hand_loglikelihood(lm, prompt, " " + k)[0] for k in "ABCD"]
+        lls = [reference.loglikelihood(lm, prompt, " " + k)[0] for k in "ABCD"]
         assert item["acc"] == float(np.argmax(lls) == d["label"])
 
 
@@ -247,7 +223,7 @@ def test_a_users_own_lm_eval_task_runs_by_name(tiny_models, tmp_path):
         test_split="test", output_type="multiple_choice", doc_to_text="{{q}}", doc_to_choice="{{options}}",
         doc_to_target="{{gold}}", metric_list=[{"metric": "acc"}], metadata={"version": 1})))
     got = ds.evaluate(lm, "my_qa", include_path=tmp_path)
-    want = [float(np.argmax([hand_loglikelihood(lm, r["q"], " " + o)[0] for o in r["options"]]) == r["gold"])
+    want = [float(np.argmax([reference.loglikelihood(lm, r["q"], " " + o)[0] for o in r["options"]]) == r["gold"])
             for r in rows]
     assert got == {"acc": pytest.approx(np.mean(want)), "n": 3}
 

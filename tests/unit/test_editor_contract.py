@@ -19,19 +19,10 @@ from editcollapse.editors import EDITORS, EditError, EditRequest, EditStack, edi
 from editcollapse.editors import base, mend
 from editcollapse.models.loading import load_model
 from tests.device import DEVICE
+from tests.fast import FAST_BY_EDITOR  # few optimisation steps: the contract is about bookkeeping
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
-# Few optimisation steps: the contract is about bookkeeping, not about edit quality.
-FAST = {
-    "rome": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
-    "c-rome": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
-    "c-rome-prefix": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
-    "memit": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
-    "alphaedit": dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)),
-    "ft-linf": dict(num_steps=2),
-    "mend": {},
-}
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk", case_id=1)
 REQ2 = EditRequest("The capital of France is", "France", "Rome", "Paris", case_id=2)
 BAD = [
@@ -57,7 +48,7 @@ def mend_checkpoints():
 
 def editor(name, **hparams):
     extra = {"checkpoint": mend_checkpoints()} if name == "mend" else {}
-    return get_editor(name, hparams={**FAST.get(name, {}), **hparams}, **extra)
+    return get_editor(name, hparams={**FAST_BY_EDITOR.get(name, {}), **hparams}, **extra)
 
 
 @pytest.fixture(params=ARCHS)
@@ -316,7 +307,7 @@ def test_fuzzed_subjects_inside_their_prompt_edit_or_are_refused_cleanly(tiny_mo
     lm = tiny_models("tiny-llama")
     snap = snapshot(lm)
     try:
-        one_step = {"v_num_grad_steps": 1} if "v_num_grad_steps" in FAST[name] else {}
+        one_step = {"v_num_grad_steps": 1} if "v_num_grad_steps" in FAST_BY_EDITOR[name] else {}
         result = editor(name, **one_step).apply(lm, EditRequest(before + subject + after, subject, target))
     except EditError as e:
         event(f"refused: {str(e).split(' ')[0:2]}")

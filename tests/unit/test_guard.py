@@ -14,10 +14,10 @@ from editcollapse.editors.memit import MEMIT
 from editcollapse.hardcases import hardcf
 from editcollapse.models.keys import context_keys, edit_keys
 from editcollapse.models.stats import second_moment
+from tests.fast import FAST
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
-FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 ALWAYS, NEVER = -1e9, 1e9  # thresholds below and above any finite score
 REQS = [
     EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk", case_id=1),
@@ -131,7 +131,7 @@ def test_guard_warns_or_switches(tiny_models):
         with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "warn", threshold=ALWAYS)) as result:
             assert result.diagnostics["guard_action"] == "warned" and result.diagnostics["guard_editor"] == "rome"
     with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=ALWAYS)) as result:
-        switched = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        switched = snapshot(lm)
         assert result.diagnostics["guard_editor"] == "c-rome" and result.diagnostics["guard_action"] == "switched"
     with edited(lm, REQS[0], ROME(consistent=True, hparams=FAST)):
         assert identical(lm, switched)

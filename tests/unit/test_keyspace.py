@@ -9,9 +9,9 @@ from editcollapse import data, guard
 from editcollapse.analysis import keyspace
 from editcollapse.editors import ROME, EditRequest, edited
 from editcollapse.models.nethook import Trace
-from tests.weights import snapshot
+from tests.fast import FAST
+from tests.weights import identical, snapshot
 
-FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 TEXTS = ["The cat sat on the mat and looked at the door.", "Paris is the capital of France.",
          "A short line", "Numbers like 1 2 3 follow each other in order here."]
 
@@ -106,7 +106,7 @@ def test_second_to_first_changes_exactly_position_0(tiny_models):
     assert changed[0] and not changed[1:].any()
     wte, wpe = lm.model.transformer.wte.weight, lm.model.transformer.wpe.weight
     torch.testing.assert_close(moved[0], wte[ids[0, 0]] + wpe[1])
-    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert identical(lm, before)
     with pytest.raises(ValueError, match="rotary"):
         with keyspace.second_to_first(tiny_models("tiny-llama")):
             pass
@@ -152,7 +152,7 @@ def test_rome_under_moments_reproduces_rome(tiny_models):
     before = snapshot(lm)
     m = second_moment(lm, 1, n_tokens=3000)
     rows = keyspace.rome_under_moments(lm, case, {"I": None, "C": m}, ppl_size=50, editor=ROME(hparams=FAST))
-    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert identical(lm, before)
     req = EditRequest.from_case(case)
     for row, editor in zip(rows, [ROME(hparams=FAST), ROME(hparams=dict(FAST, mom2_adjustment=True), stats=m)]):
         with edited(lm, req, editor) as result:

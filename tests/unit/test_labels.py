@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from editcollapse.results.labels import COLLAPSE_THRESHOLD, MIN_RATIO, is_collapsed
+from editcollapse.results.labels import COLLAPSE_THRESHOLD, MIN_RATIO, collapse_report, is_collapsed
 
 
 def test_the_papers_threshold_on_numbers():
@@ -47,3 +47,12 @@ def test_what_is_not_a_perplexity_is_refused():
             is_collapsed(5.0, threshold=threshold)
     with pytest.raises(ValueError, match=">= 1"):
         is_collapsed([2.0, 0.5])
+
+
+def test_collapse_report():
+    rep = collapse_report(5000.0, 50.0)
+    assert rep == dict(ppl=5000.0, ratio=100.0, collapsed=True)
+    assert collapse_report(150.0, 50.0, threshold=100.0)["collapsed"]
+    assert not collapse_report(150.0, 50.0)["collapsed"]
+    with pytest.raises(ValueError, match="unedited"):
+        collapse_report(5000.0, float("inf"))

@@ -11,10 +11,10 @@ from editcollapse.models.nethook import Trace, get_module
 from editcollapse.models import stats
 from editcollapse.models.stats import second_moment, second_moments
 from editcollapse.models.tokens import subject_last_index
-from tests.weights import snapshot
+from tests.fast import FAST_MEMIT
+from tests.weights import identical, snapshot
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
-FAST = dict(v_num_grad_steps=3, context_template_length_params=((4, 5),))
 REQS = [EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk"),
         EditRequest("The capital of France is", "France", "Rome", "Paris"),
         EditRequest("Tokyo is located in", "Tokyo", "Spain", "Japan")]
@@ -50,7 +50,7 @@ def residual(lm, layer, request):
 def test_update_solves_the_normal_equations_at_every_layer(tiny_models, arch):
     """ΔW_l (λC + KKᵀ) = R_l Kᵀ for every layer, with K and R_l read independently where the model allows."""
     lm = tiny_models(arch)
-    ed = MEMIT(hparams=FAST)
+    ed = MEMIT(hparams=FAST_MEMIT)
     hp = ed.hparams_for(lm)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     first, last = hp.layers[0], hp.layers[-1]
@@ -73,7 +73,7 @@ def test_update_solves_the_normal_equations_at_every_layer(tiny_models, arch):
 
 def test_the_last_layer_takes_the_whole_remaining_residual(tiny_models):
     lm = tiny_models("tiny-llama")
-    ed = MEMIT(hparams=dict(FAST, layers=[0, 1, 2]))
+    ed = MEMIT(hparams=dict(FAST_MEMIT, layers=[0, 1, 2]))
     with edited(lm, REQS[0], ed) as result:
         name = lm.spec.module("mlp_out", 2) + ".weight"
         edited_last = lm.model.get_parameter(name).detach().clone()
@@ -113,7 +113,7 @@ def test_the_residual_is_mapped_through_a_norm_after_the_MLP(tiny_models, arch):
 def test_written_fraction_is_s_over_lambda_plus_s(tiny_models, lam):
     """For one fact ΔW k = r · s/(λ+s), s = kᵀC⁻¹k: a hand computation; λ → 0 writes the whole residual."""
     lm = tiny_models("tiny-gptj")
-    ed = MEMIT(hparams=dict(FAST, mom2_update_weight=lam))
+    ed = MEMIT(hparams=dict(FAST_MEMIT, mom2_update_weight=lam))
     hp = ed.hparams_for(lm)
     with edited(lm, REQS[2], ed) as result:
         d = result.diagnostics
@@ -131,7 +131,7 @@ def test_written_fraction_is_s_over_lambda_plus_s(tiny_models, lam):
 def test_a_batch_writes_each_fact_at_its_own_key(tiny_models):
     """With λ → 0, every layer writes each fact's residual exactly at that fact's key (ΔW K = R, rank 3)."""
     lm = tiny_models("tiny-gpt2")
-    with edited(lm, REQS, MEMIT(hparams=dict(FAST, mom2_update_weight=1e-7))) as result:
+    with edited(lm, REQS, MEMIT(hparams=dict(FAST_MEMIT, mom2_update_weight=1e-7))) as result:
         d = result.diagnostics
         assert d["n_requests"] == 3 and d["v_star"].shape[0] == 3 and len(d["loss_curves"]) == 3
         for layer in d["layers"]:
@@ -143,9 +143,9 @@ def test_a_batch_writes_each_fact_at_its_own_key(tiny_models):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_z_star_equals_the_papers_full_forward(tiny_models, arch):
     lm = tiny_models(arch)
-    with edited(lm, REQS[0], MEMIT(hparams=FAST)) as fast:
+    with edited(lm, REQS[0], MEMIT(hparams=FAST_MEMIT)) as fast:
         pass
-    with edited(lm, REQS[0], MEMIT(hparams=FAST, fast=False)) as full:
+    with edited(lm, REQS[0], MEMIT(hparams=FAST_MEMIT, fast=False)) as full:
         pass
     torch.testing.assert_close(fast.diagnostics["v_star"], full.diagnostics["v_star"], rtol=1e-4, atol=1e-5)
 
@@ -156,7 +156,7 @@ def test_C_is_read_once_per_layer_and_its_factor_reused(tiny_models, monkeypatch
     monkeypatch.setattr(stats, "_PER_MODEL", weakref.WeakKeyDictionary())
     monkeypatch.setattr(stats, "second_moments",
                         lambda lm, layers, *a, **kw: calls.append(list(layers)) or second_moments(lm, layers, *a, **kw))
-    ed = MEMIT(hparams=FAST)
+    ed = MEMIT(hparams=FAST_MEMIT)
     for r in REQS[:2]:
         with edited(lm, r, ed):
             pass
@@ -172,13 +172,13 @@ def test_singular_C_is_refused_with_the_model_untouched(tiny_models):
     lm = tiny_models("tiny-gpt2")
     before = snapshot(lm)
     with pytest.raises(EditError, match="not positive definite"):
-        MEMIT(hparams=dict(FAST, mom2_n_tokens=50)).apply(lm, REQS[0])  # 50 keys in 256 dimensions
-    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+        MEMIT(hparams=dict(FAST_MEMIT, mom2_n_tokens=50)).apply(lm, REQS[0])  # 50 keys in 256 dimensions
+    assert identical(lm, before)
 
 
 def test_layers_out_of_range_are_refused(tiny_models):
     with pytest.raises(EditError, match="layer 3 out of range"):
-        MEMIT(hparams=dict(FAST, layers=[1, 3])).apply(tiny_models("tiny-llama"), REQS[0])
+        MEMIT(hparams=dict(FAST_MEMIT, layers=[1, 3])).apply(tiny_models("tiny-llama"), REQS[0])
 
 
 def test_paper_presets_match_the_authors_files():

@@ -9,6 +9,7 @@ from editcollapse.eval.metrics import (edit_metrics, locality_reference, predict
 from editcollapse.models.loading import load_model
 from editcollapse.models.tokens import target_ids
 from editcollapse.models.nethook import get_module
+from tests import reference
 from tests.device import DEVICE
 
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
@@ -25,22 +26,12 @@ def case(**kw):
     return base | kw
 
 
-def hand(lm, prompt, target):
-    """(mean NLL, argmax ids, target ids) from one unpadded forward, position by position."""
-    p, t = lm.token_ids(prompt), lm.tok(" " + target, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + t], device=lm.device)).logits[0], -1)
-    nll = -sum(logp[len(p) - 1 + j, tok].item() for j, tok in enumerate(t)) / len(t)
-    pred = [logp[len(p) - 1 + j].argmax().item() for j in range(len(t))]
-    return nll, pred, t
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_target_nll_and_acc_match_hand_computation(tiny_models, name):
     lm = tiny_models(name)
     nll, acc = target_nll(lm, PROMPTS, TARGETS), target_token_acc(lm, PROMPTS, TARGETS)
     for i, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
-        h_nll, h_pred, h_t = hand(lm, p, t)
+        h_nll, h_pred, h_t = reference.target_scores(lm, p, t)
         assert nll[i].item() == pytest.approx(h_nll, abs=1e-5)
         assert acc[i].item() == pytest.approx(sum(a == b for a, b in zip(h_pred, h_t)) / len(h_t))
 
@@ -107,7 +98,7 @@ def test_metric_values_match_hand_computation(tiny_models):
     lm = tiny_models("tiny-gpt2")
     c = case()
     m = edit_metrics(lm, c)
-    nll = {(f, t): hand(lm, c[f], c[t])[0] for f in ("prompt", "rephrase_prompt", "locality_prompt")
+    nll = {(f, t): reference.target_scores(lm, c[f], c[t])[0] for f in ("prompt", "rephrase_prompt", "locality_prompt")
            for t in ("target_new", "ground_truth")}
     assert m["p_new"] == pytest.approx(math.exp(-nll["prompt", "target_new"]), rel=1e-5)
     assert m["p_true"] == pytest.approx(math.exp(-nll["prompt", "ground_truth"]), rel=1e-5)
@@ -117,7 +108,7 @@ def test_metric_values_match_hand_computation(tiny_models):
     assert m["generalization_prob"] == float(g > 0)
     loc = math.exp(-nll["locality_prompt", "ground_truth"]) - math.exp(-nll["locality_prompt", "target_new"])
     assert m["locality_magnitude"] == pytest.approx(loc, abs=1e-7) and m["locality_prob"] == float(loc > 0)
-    _, pred, t = hand(lm, c["rephrase_prompt"], c["target_new"])
+    _, pred, t = reference.target_scores(lm, c["rephrase_prompt"], c["target_new"])
     assert m["generalization_acc"] == pytest.approx(sum(a == b for a, b in zip(pred, t)) / len(t))
     assert (m["efficacy"], m["locality"]) == (m["efficacy_prob"], m["locality_prob"])
     assert "locality_acc" not in m  # no reference given
@@ -132,7 +123,7 @@ def test_locality_acc_against_reference():
     c = case(dataset="zsre", locality_prompt="Which river runs through Paris?",
              locality_ground_truth="the Seine river, which flows into the English Channel")
     ref = locality_reference(lm, c)
-    assert ref["pred"] == hand(lm, c["locality_prompt"], c["locality_ground_truth"])[1]
+    assert ref["pred"] == reference.target_scores(lm, c["locality_prompt"], c["locality_ground_truth"])[1]
     assert edit_metrics(lm, c, ref)["locality"] == 1.0
 
     w = get_module(lm.model, lm.spec.module("mlp_out", lm.n_layers - 1)).weight
@@ -140,7 +131,7 @@ def test_locality_acc_against_reference():
     with torch.no_grad():
         w += 3 * torch.randn_like(w)
     m = edit_metrics(lm, c, ref)
-    post = hand(lm, c["locality_prompt"], c["locality_ground_truth"])[1]
+    post = reference.target_scores(lm, c["locality_prompt"], c["locality_ground_truth"])[1]
     unchanged = sum(a == b for a, b in zip(post, ref["pred"])) / len(post)
     assert m["locality_acc"] == m["locality"] == pytest.approx(unchanged) and unchanged < 1.0
 

@@ -8,33 +8,24 @@ import torch
 
 from editcollapse.data import load_me_ppl
 from editcollapse.models.loading import LoadedModel
-from editcollapse.eval.perplexity import collapse_report, me_ppl, sentence_perplexities
+from editcollapse.eval.perplexity import me_ppl, sentence_perplexities
 from editcollapse.models.tokens import length_sorted_batches
 from editcollapse.results.labels import is_collapsed
+from tests import reference
 
 TEXTS = ["The capital of France is Paris, a city on the Seine.",
          "Danielle Darrieux",
          "Regions and cities Australia has six states, two major mainland territories, and other minor territories"]
 
 
-def hand_ppl(lm, text, divide_by_all=False):
-    """exp(-(1/n) sum log p(x_i | x_<i)) from one unpadded forward pass and an explicit log_softmax."""
-    ids = torch.tensor([lm.token_ids(text)], device=lm.device)
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.model(ids).logits[0].double(), dim=-1)
-    total = sum(logp[i - 1, ids[0, i]].item() for i in range(1, ids.shape[1]))
-    n = ids.shape[1] if divide_by_all else ids.shape[1] - 1
-    return math.exp(-total / n)
-
-
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_matches_hand_computation_in_input_order(tiny_models, name):
     lm = tiny_models(name)
     got = sentence_perplexities(lm, TEXTS, batch_size=3, progress=False)
-    want = [hand_ppl(lm, t) for t in TEXTS]
+    want = [reference.perplexity(lm, t) for t in TEXTS]
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # the normaliser is the number of predicted tokens, not the number of input tokens
-    assert not np.allclose(got, [hand_ppl(lm, t, divide_by_all=True) for t in TEXTS], rtol=1e-3)
+    assert not np.allclose(got, [reference.perplexity(lm, t, divide_by_all=True) for t in TEXTS], rtol=1e-3)
 
 
 def test_bos_rule_sets_the_predicted_tokens(tiny_models):
@@ -45,10 +36,9 @@ def test_bos_rule_sets_the_predicted_tokens(tiny_models):
     # without BOS a one-token text has nothing to predict; with BOS its single token is predicted
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         sentence_perplexities(gpt2, [text], progress=False)
-    with torch.no_grad():
-        logp = torch.log_softmax(llama.model(torch.tensor([llama.token_ids(text)], device=llama.device)).logits[0, 0].double(), -1)
+    logp, _ = reference.token_logprobs(llama, [llama.tok.bos_token_id], raw, torch.float64)
     got = sentence_perplexities(llama, [text], progress=False)[0]
-    assert got == pytest.approx(math.exp(-logp[raw[0]].item()), rel=1e-5)
+    assert got == pytest.approx(math.exp(-logp[0].item()), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"])
@@ -66,7 +56,7 @@ def test_me_ppl_mean_and_median(tiny_models, monkeypatch):
     lm = tiny_models("tiny-gpt2")
     texts = TEXTS + ["Toko Yasuda, the"]
     monkeypatch.setattr("editcollapse.eval.perplexity.load_me_ppl", lambda size: texts)
-    hand = sorted(hand_ppl(lm, t) for t in texts)
+    hand = sorted(reference.perplexity(lm, t) for t in texts)
     res = me_ppl(lm, size=50, batch_size=2, progress=False)
     assert res["n"] == 4
     assert res["mean"] == pytest.approx(sum(hand) / 4, rel=1e-5)
@@ -102,15 +92,6 @@ def test_misleading_inputs_get_clear_errors(tiny_models, monkeypatch):
     monkeypatch.setattr("editcollapse.eval.perplexity.load_me_ppl", lambda size: asked.append(size) or TEXTS)
     me_ppl(lm, size=np.int64(50), progress=False)
     assert asked == [50] and type(asked[0]) is int
-
-
-def test_collapse_report():
-    rep = collapse_report(5000.0, 50.0)
-    assert rep == dict(ppl=5000.0, ratio=100.0, collapsed=True)
-    assert collapse_report(150.0, 50.0, threshold=100.0)["collapsed"]
-    assert not collapse_report(150.0, 50.0)["collapsed"]
-    with pytest.raises(ValueError, match="unedited"):
-        collapse_report(5000.0, float("inf"))
 
 
 def _broken(lm, fn):

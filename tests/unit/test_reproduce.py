@@ -278,3 +278,43 @@ def test_mend_is_trained_before_the_first_notebook_that_edits_with_it(monkeypatc
     timings = run("quick", only=["03"], overrides=overrides, executed_dir=tmp_path / "executed")
     assert [t[0] for t in timings] == ["03_sequential_edit"]
     assert reproduce.mend_models({"a": dict(model="m1", editors=["rome"]), "b": dict(model="m2", random_editors=["mend"])}) == ["m2"]
+
+
+def test_the_local_profile_edits_the_shipped_hardcf_and_the_bos_contrast():
+    _, params = reproduce.prepare("local", only=["01", "02", "04", "05"])
+    single = params["02_single_edit"]
+    assert single["n_hardcf"] is None and single["n_counterfact"] >= 100 and single["n_zsre"] >= 50
+    assert set(single["editors"]) == {"rome", "c-rome", "memit", "alphaedit", "ft-linf", "mend"}
+    assert single["contrast_model"] == "gemma3-270m" and single["contrast_editors"] == ["rome", "c-rome"]
+    assert single["n_contrast_random"] >= 100 and single["n_contrast_first_token"] >= 100
+    assert params["04_crome_analysis"]["n_hardcf"] is None and params["04_crome_analysis"]["n_random"] >= 100
+    assert params["01_pilot_observation"]["n_hardcf"] >= params["01_pilot_observation"]["n_edits"] >= 5
+    assert params["05_hardedit"]["n_cases"] == 49
+    quick = reproduce.prepare("quick", only=["02"])[1]["02_single_edit"]
+    assert quick["n_hardcf"] == 0 and quick["contrast_model"] is None
+
+
+@pytest.mark.parametrize("pair", ["n_hardcf=-1", "n_hardcf=all", "contrast_model=gpt-5", "contrast_editors=[rome, rome]",
+                                  "n_contrast_random=-1", "n_contrast_first_token=1.5"])
+def test_the_contrast_and_hardcf_parameters_are_checked(nothing_runs, pair):
+    with pytest.raises(SystemExit) as refused:
+        main(["--only", "02", "--set", pair])
+    assert pair.partition("=")[0] in str(refused.value.code)
+
+
+def test_the_profile_plan_prints_every_notebook_from_units_without_measuring(capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_profile", REPO_ROOT / "bench" / "bench_profile.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_profile", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    total = bench.main(["--profile", "local"])
+    out = capsys.readouterr().out
+    assert all(f"notebook {n} (profile local)" in out for n in ("01", "02", "03", "04", "05"))
+    assert "not measured here" in out and f"{total / 3600:.1f} hours" in out
+    assert "rome single edits, hardcf (smollm2-135m)" in out and "(gemma3-270m)" in out
+    doubled = bench.main(["--profile", "local", "--only", "05", "--unit", "ppl.50=7.0", "--unit", "edit_metrics=0.5"])
+    base = bench.main(["--profile", "local", "--only", "05"])
+    assert doubled - base == pytest.approx(6 * (2 * 49 + 2) * 3.5)  # six editors' steps and step 0s, 3.5 s more each

@@ -10,11 +10,11 @@ from editcollapse.models.keys import context_templates, keys_and_values
 from editcollapse.models.tokens import subject_last_index
 from editcollapse.models.nethook import get_module
 from transformers.pytorch_utils import Conv1D
+from tests.fast import FAST_ROME
 from tests.weights import snapshot, identical
 
 ARCHS = ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3"]
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
-FAST = dict(v_num_grad_steps=4, v_weight_decay=1e-3)
 
 
 def mlp(lm, hp):
@@ -36,7 +36,7 @@ def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
     for v* at an MLP's output (ROME) and at a whole layer's output (MEMIT); layer 0 skips nothing below an MLP.
     (Not the last layer's output: there δ reaches no target position, its gradient is rounding noise.)"""
     lm = tiny_models(arch)
-    hp = ROME(hparams=FAST).hparams_for(lm)
+    hp = ROME(hparams=FAST_ROME).hparams_for(lm)
     module = lm.spec.module(kind, layer)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, module, fast=True)
@@ -44,7 +44,7 @@ def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
     torch.testing.assert_close(v0_fast, v0_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
     assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
-    assert len(curve_fast) == FAST["v_num_grad_steps"]  # every step ran (no early stop), so the cache was reused
+    assert len(curve_fast) == FAST_ROME["v_num_grad_steps"]  # every step ran (no early stop), so the cache was reused
 
 
 @pytest.mark.skipif(not vstar._packing_available(), reason="this torch build has no oneDNN weight packing")
@@ -81,7 +81,7 @@ def test_update_solves_its_defining_equation(tiny_models, arch, consistent):
     module = get_module(lm.model, lm.spec.module("mlp_out", layer))
     bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else 0
     W0 = mlp_out_weight(lm, layer).clone()
-    with edited(lm, REQ, ROME(consistent=consistent, hparams=FAST)) as result:
+    with edited(lm, REQ, ROME(consistent=consistent, hparams=FAST_ROME)) as result:
         d = result.diagnostics
         k = d["k_bar"] if consistent else d["k_u"]
         W1 = mlp_out_weight(lm, layer)
@@ -98,7 +98,7 @@ def test_update_solves_its_defining_equation(tiny_models, arch, consistent):
 def test_rome_update_is_exact_at_the_bare_prompt(tiny_models):
     """After ROME, the MLP output at the subject's last token of the bare prompt is v*."""
     lm = tiny_models("tiny-llama")
-    with edited(lm, REQ, ROME(hparams=FAST)) as result:
+    with edited(lm, REQ, ROME(hparams=FAST_ROME)) as result:
         layer = result.diagnostics["layer"]
         idx = subject_last_index(lm, REQ.template(), REQ.subject)
         _, v = keys_and_values(lm, layer, [REQ.prompt], [idx])
@@ -110,8 +110,8 @@ def test_many_edit_undo_cycles_restore_bit_identical_weights(tiny_models):
     before = snapshot(lm)
     for i, name in enumerate(["rome", "c-rome", "c-rome-prefix"] * 3):
         req = EditRequest(f"Case {i}: Paris is the capital of", "Paris", ["Italy", "Spain", "Japan"][i % 3])
-        result = get_editor(name, hparams=dict(FAST, v_num_grad_steps=2)).apply(lm, req)
-        assert not all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+        result = get_editor(name, hparams=dict(FAST_ROME, v_num_grad_steps=2)).apply(lm, req)
+        assert not identical(lm, before)
         result.undo()
         assert identical(lm, before)
 
@@ -154,7 +154,7 @@ def test_bad_requests_are_refused_and_leave_the_model_untouched(tiny_models, req
     assert len(lm.tok(" London", add_special_tokens=False)["input_ids"]) == 1  # so "Lond" splits " London"
     before = snapshot(lm)
     with pytest.raises(EditError, match=message):
-        ROME(hparams=FAST).apply(lm, request_)
+        ROME(hparams=FAST_ROME).apply(lm, request_)
     assert identical(lm, before)
 
 
@@ -163,16 +163,15 @@ def test_nan_in_the_optimisation_is_refused(tiny_models):
     lm = tiny_models("tiny-gptj")
     w = get_module(lm.model, lm.spec.module("mlp_out", 2)).weight
     saved = w.detach().clone()
-    hp = ROME(hparams=FAST).hparams_for(lm)
+    hp = ROME(hparams=FAST_ROME).hparams_for(lm)
     context_templates(lm, hp.context_template_length_params, hp.seed)  # sampled while the model is sound
     try:
         with torch.no_grad():
             w[0, 0] = float("nan")
         before = snapshot(lm)
         with pytest.raises(EditError, match="non-finite v\\* loss at step 0 .*not finite before any change"):
-            ROME(hparams=FAST).apply(lm, REQ)
-        after = lm.model.state_dict()
-        assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+            ROME(hparams=FAST_ROME).apply(lm, REQ)
+        assert identical(lm, before, equal_nan=True)
         assert torch.equal(get_module(lm.model, lm.spec.module("mlp_out", 1)).weight,
                            before[lm.spec.module("mlp_out", 1) + ".weight"])
     finally:
@@ -197,7 +196,7 @@ def test_mom2_adjustment_uses_C_inverse_k_bar(tiny_models):
     lm = tiny_models("tiny-llama")
     layer = PRESETS["tiny-llama"]["layer"]
     moment = second_moment(lm, layer, n_tokens=2000, use_cache=False)
-    with edited(lm, REQ, ROME(hparams=dict(FAST, mom2_adjustment=True), stats=moment)) as result:
+    with edited(lm, REQ, ROME(hparams=dict(FAST_ROME, mom2_adjustment=True), stats=moment)) as result:
         d = result.diagnostics
         torch.testing.assert_close(d["C_inv_k"], moment.inv_apply(d["k_bar"]).float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(moment.C.float() @ d["C_inv_k"], d["k_bar"], rtol=1e-3, atol=1e-4)
@@ -234,5 +233,5 @@ def test_stats_of_another_layer_are_refused(tiny_models):
     before = snapshot(lm)
     moment = second_moment(lm, 2, n_tokens=500, use_cache=False)
     with pytest.raises(EditError, match="stats are for tiny-llama layer 2"):
-        ROME(hparams=dict(FAST, mom2_adjustment=True), stats=moment).apply(lm, REQ)
+        ROME(hparams=dict(FAST_ROME, mom2_adjustment=True), stats=moment).apply(lm, REQ)
     assert identical(lm, before)

@@ -4,19 +4,12 @@ import torch
 
 from editcollapse.eval.scoring import continuation_logprobs, mean_nll, pack, target_pairs, token_logprobs
 from editcollapse.models.tokens import token_budget_batches
+from tests import reference
 
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]
 PROMPTS = ["The capital of France is", "Danielle Darrieux's mother tongue is", "He spoke",
            "Autonomous University of Madrid, which is located in"]
 TARGETS = ["Paris", "English", "guitar and the piano", "Spain"]
-
-
-def hand(lm, p, c):
-    """log_softmax of one unpadded forward of p ⊕ c, gathered at the continuation tokens; and the argmax there."""
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + c], device=lm.device)).logits[0].float(), -1)
-    at = logp[len(p) - 1:len(p) - 1 + len(c)].cpu()
-    return at[torch.arange(len(c)), torch.tensor(c)], at.argmax(-1)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -29,7 +22,7 @@ def test_continuation_logprobs_match_hand_computation_batched_or_one_by_one(tiny
         chunked = continuation_logprobs(lm, pairs, batch_size=3)
         one = [continuation_logprobs(lm, [pair])[0] for pair in pairs]
     for (p, c), b, ch, o in zip(pairs, batched, chunked, one):
-        logp, pred = hand(lm, p, c)
+        logp, pred = reference.token_logprobs(lm, p, c, torch.float32)
         for lp, pr in (b, ch, o):
             assert lp.shape == (len(c),) and lp.dtype == torch.float32
             torch.testing.assert_close(lp, logp, atol=1e-5, rtol=0)

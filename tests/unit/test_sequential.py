@@ -7,11 +7,11 @@ import torch
 
 from editcollapse import data
 from editcollapse.editors import get_editor, live_edits
-from editcollapse.experiments.sequential import (DOWNSTREAM_KEY, param_change, sequential_run, sequential_runs,
+from editcollapse.experiments.sequential import (param_change, sequential_run, sequential_runs,
                                                  sequential_store)
+from editcollapse.results.store import DOWNSTREAM_KEY
+from tests.fast import FAST
 from tests.weights import snapshot, identical
-
-FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 
 
 def cases(n=4):

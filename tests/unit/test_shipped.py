@@ -7,10 +7,11 @@ import torch
 from editcollapse import data, paths
 
 from editcollapse.results import shipped
-from editcollapse.experiments.sequential import DOWNSTREAM_KEY, SEQ_KEY, sequential_run, sequential_store
+from editcollapse.experiments.sequential import sequential_run, sequential_store
+from editcollapse.results.store import DOWNSTREAM_KEY, SEQ_KEY
 from editcollapse.results.store import ResultStore
+from tests.fast import FAST
 
-FAST = dict(v_num_grad_steps=2, context_template_length_params=((4, 5),))
 KEYS = {"seq": SEQ_KEY, "ds": DOWNSTREAM_KEY}
 
 

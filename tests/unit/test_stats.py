@@ -8,6 +8,7 @@ from editcollapse.models import stats
 from editcollapse.models.loading import load_model
 from editcollapse.models.nethook import Trace
 from tests.device import DEVICE
+from tests.fast import FAST
 
 N, T = 1500, 64  # tokens, window length: the last window used is cut short
 CORPUS = "wiki-head"  # first 50 lines of WikiText-2 (~8k tiny-tokenizer tokens); all of it takes seconds
@@ -191,7 +192,7 @@ def test_C_is_of_the_unedited_model_and_never_served_to_other_weights(tiny_model
     layer, kw = 1, dict(n_tokens=600, corpus=CORPUS, seq_len=T)
     clean = stats.second_moment(lm, layer, use_cache=False, **kw)
     request = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
-    with edited(lm, request, ROME(hparams=dict(layer=0, v_num_grad_steps=2, context_template_length_params=((4, 5),)))):
+    with edited(lm, request, ROME(hparams=dict(FAST, layer=0))):
         during = stats.second_moment(lm, layer, **kw)  # computed, and cached, while the edit is applied
     assert torch.equal(during.C, clean.C) and during.meta["weights"] == clean.meta["weights"]
 

@@ -8,10 +8,10 @@ from editcollapse.experiments import single
 from editcollapse.experiments.single import FailedEdit, results_store, single_edit_row, single_edit_sweep
 from editcollapse.editors import ROME, live_edits
 from editcollapse.hardcases import hardcf
+from tests.fast import FAST
 from tests.weights import identical, snapshot
 
-FAST = dict(hparams=dict(v_num_grad_steps=2, context_template_length_params=((4, 5),)))
-SWEEP = dict(experiment="single_edit_ppl50", ppl_size=50, editor_kwargs=FAST)
+SWEEP = dict(experiment="single_edit_ppl50", ppl_size=50, editor_kwargs=dict(hparams=FAST))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_a_failure_while_measuring_is_not_stored_and_a_rerun_retries_it(tiny_mod
 
 def test_single_edit_row_raises_failures_only_when_asked(tiny_models, cases, monkeypatch):
     lm = tiny_models("tiny-llama")
-    editor = ROME(**FAST)
+    editor = ROME(hparams=FAST)
     flaky_me_ppl(monkeypatch, {0, 1})
     assert "out of memory" in single_edit_row(lm, editor, cases[0])["error"]  # a row, as before
     with pytest.raises(FailedEdit, match="while measuring the edited model"):

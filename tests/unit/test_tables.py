@@ -2,6 +2,7 @@
 import math
 
 import pandas as pd
+import pytest
 
 from editcollapse.results.tables import label_cases, single_edit_table, sweep_rows
 
@@ -147,3 +148,68 @@ def test_the_sequential_figure_has_a_panel_per_run(tmp_path):
     assert [ax.get_title() for ax in fig.axes[:3]] == ["hard cases", "normal cases", "random cases"]
     assert fig.axes[0].get_yscale() == "log" and "50" in fig.axes[0].get_ylabel()
     assert len(fig.axes[0].get_lines()) >= 3 and (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_wilson_interval_on_hand_checked_numbers():
+    from editcollapse.results.tables import wilson_interval
+
+    # p = 1/2, n = 10, z = 1.96: centre 0.5, half-width 1.96/(1 + 0.3842)·sqrt(0.025 + 0.0096) = 0.2634
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # 3.8416 / 13.8416
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_mean_interval_is_a_t_interval_clipped_to_the_bounds():
+    from editcollapse.results.tables import mean_interval
+
+    # [0, 1, 1, 1]: mean 0.75, s = 0.5, se = 0.25, t(0.975, 3) = 3.1824
+    assert mean_interval([0, 1, 1, 1]) == pytest.approx((0.75 - 0.7956, 0.75 + 0.7956), abs=1e-4)
+    assert mean_interval([0, 1, 1, 1], bounds=(0, 1)) == (0, 1)
+    # [0.2, 0.4]: mean 0.3, se 0.1, t(0.975, 1) = 12.706
+    assert mean_interval([0.2, 0.4, float("nan")]) == pytest.approx((0.3 - 1.2706, 0.3 + 1.2706), abs=1e-4)
+    assert all(math.isnan(x) for x in mean_interval([0.5]))
+
+
+def test_single_edit_table_has_an_interval_for_each_rate_and_mean():
+    table = single_edit_table(sweep_rows(rows(), "single_edit_ppl50", "m", ["rome", "c-rome"], CASES))
+    rome = table.loc[("rome", "counterfact")]  # 1 of 2 collapse
+    assert (rome.collapse_rate_lo, rome.collapse_rate_hi) == pytest.approx((0.0945, 0.9055), abs=1e-4)
+    c_rome = table.loc[("c-rome", "counterfact")]  # efficacy 0 and 1: mean 0.5 ± 12.706·0.5, clipped to [0, 1]
+    assert (c_rome.efficacy_lo, c_rome.efficacy_hi) == (0.0, 1.0)
+    assert (c_rome.locality_lo, c_rome.locality_hi) == (1.0, 1.0)  # both 1.0: no spread
+    assert math.isnan(table.loc[("rome", "zsre")].efficacy_lo)  # one edit: no interval
+    cols = list(table.columns)
+    assert cols[cols.index("collapse_rate"):cols.index("collapse_rate") + 3] == [
+        "collapse_rate", "collapse_rate_lo", "collapse_rate_hi"]
+    assert cols[cols.index("efficacy"):cols.index("efficacy") + 3] == ["efficacy", "efficacy_lo", "efficacy_hi"]
+
+
+def test_single_edit_table_by_sample_counts_a_case_in_each_of_its_samples():
+    got = sweep_rows(rows(), "single_edit_ppl50", "m", ["rome"], {"counterfact": CASES["counterfact"]})
+    both = pd.concat([got.assign(sample="random"), got[got.case_id == 1].assign(sample="hardcf")])
+    labelled = label_cases(both)  # case 1 twice: its reference label is still one value
+    assert set(labelled[labelled.case_id == 1].reference_case) == {"collapse"}
+    table = single_edit_table(labelled, by=("editor", "sample"))
+    assert (table.loc[("rome", "hardcf")].edits, table.loc[("rome", "hardcf")].collapse_rate) == (1, 1.0)
+    assert (table.loc[("rome", "random")].edits, table.loc[("rome", "random")].refused) == (2, 1)
+    from editcollapse.results.tables import single_edit_lines
+
+    line = single_edit_lines(table)[0]
+    assert "1 of 1 edits collapse" in line and "95 % CI" in line and line.lstrip().startswith("rome on hardcf")
+
+
+def test_bos_contrast_table_and_sentence():
+    from editcollapse.results.tables import bos_contrast_summary, bos_contrast_table
+
+    base = dict(experiment="e", error=None, efficacy=1.0, rel_change=0.01, seconds_edit=1.0, dataset="counterfact")
+    r = [dict(base, model="nobos", editor="rome", sample="first-token", case_id=i, ppl=5000.0 if i < 8 else 100.0)
+         for i in range(10)]
+    r += [dict(base, model="bos", editor="rome", sample="first-token", case_id=i, ppl=100.0) for i in range(10)]
+    r += [dict(base, model="bos", editor="rome", sample="random", case_id=i, ppl=100.0) for i in range(20, 25)]
+    table = bos_contrast_table(pd.DataFrame(r), {"nobos": False, "bos": True})
+    assert table.loc[("nobos", "rome", "first-token")].collapse_rate == 0.8
+    assert table.loc[("bos", "rome", "first-token")][["bos", "collapsed", "edits"]].tolist() == [True, 0, 10]
+    text = bos_contrast_summary(table)
+    assert "rome on nobos (no BOS): 8 of 10 first-token edits collapse (80%, 95 % CI 49%–94%)" in text
+    assert "0 of 10" in text and "holds" in text  # [0, 27.8 %] lies below [49 %, 94 %]

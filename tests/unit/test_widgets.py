@@ -11,27 +11,20 @@ from editcollapse import guard
 
 from editcollapse.eval import metrics, perplexity
 from editcollapse.editors import EditError, EditRequest, get_editor
-from editcollapse.results.labels import COLLAPSE_THRESHOLD
+from editcollapse.results.labels import COLLAPSE_THRESHOLD, collapse_report
 from editcollapse.widgets import (ExplorerSession, edit_explorer, predictions_html, prediction_chart, risk_html,
                                   verdict_html)
+from tests.weights import identical, snapshot
 
 PROMPT, SUBJECT, TARGET = "{} was acquired by", "Twitter", "Microsoft"
 TEXT = PROMPT.format(SUBJECT)
 REQUEST = EditRequest(prompt=PROMPT, subject=SUBJECT, target_new=TARGET)
 
 
-def weights(lm):
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
-def same(lm, w):
-    return all(torch.equal(w[k], v) for k, v in lm.model.state_dict().items())
-
-
 @pytest.mark.parametrize("name, editor", [("tiny-gpt2", "c-rome-prefix"), ("tiny-llama", "rome")])
 def test_explorer_session_reports_the_edit_it_applied_and_undoes_it(tiny_models, name, editor):
     lm = tiny_models(name)
-    w0 = weights(lm)
+    w0 = snapshot(lm)
     top0, ppl0 = metrics.predict_next(lm, TEXT, k=5), perplexity.me_ppl(lm, 50, progress=False)["mean"]
     nll0 = metrics.target_nll(lm, [TEXT], [TARGET]).item()
     score0 = guard.risk(lm, REQUEST, get_editor(editor))
@@ -40,10 +33,10 @@ def test_explorer_session_reports_the_edit_it_applied_and_undoes_it(tiny_models,
     steps, risks = [], []
 
     def on_risk(risk):  # reported before the editor writes anything
-        risks.append((risk, same(lm, w0)))
+        risks.append((risk, identical(lm, w0)))
 
     report = s.edit(PROMPT, SUBJECT, TARGET, editor=editor, progress=lambda *a: steps.append(a), on_risk=on_risk)
-    w1 = weights(lm)
+    w1 = snapshot(lm)
     changed = [k for k in w0 if not torch.equal(w0[k], w1[k])]
     assert len(changed) == 1 and changed == list(s.result.saved)  # one tensor, the one the editor says it wrote
     assert changed[0].startswith(lm.spec.mlp_out.split("{}")[0])  # an MLP output projection W
@@ -80,34 +73,34 @@ def test_explorer_session_reports_the_edit_it_applied_and_undoes_it(tiny_models,
     assert texts[-2] == "measuring perplexity (ME-PPL_50)"
 
     assert s.undo() is report
-    assert same(lm, w0)  # bit-identical
+    assert identical(lm, w0)  # bit-identical
     assert s.predictions(TEXT) == top0
     assert perplexity.me_ppl(lm, 50, progress=False)["mean"] == ppl0
     assert s.undo() is None  # nothing left to undo: a no-op
-    assert same(lm, w0)
+    assert identical(lm, w0)
 
 
 def test_a_new_edit_replaces_the_previous_one(tiny_models):
     lm = tiny_models("tiny-llama")
-    w0 = weights(lm)
+    w0 = snapshot(lm)
     with_b = get_editor("rome").apply(lm, EditRequest(prompt=PROMPT, subject=SUBJECT, target_new="Google"))
-    w_b = weights(lm)
+    w_b = snapshot(lm)
     with_b.undo()
     s = ExplorerSession(model_name="tiny-llama", lm=lm)
     s.edit(PROMPT, SUBJECT, TARGET)
     s.edit(PROMPT, SUBJECT, "Google")  # undoes the Microsoft edit first
-    assert same(lm, w_b)
+    assert identical(lm, w_b)
     s.undo()
-    assert same(lm, w0)
+    assert identical(lm, w0)
 
 
 def test_check_risk_scores_the_unedited_model_and_says_when_it_cannot(tiny_models):
     lm = tiny_models("tiny-llama")
-    w0 = weights(lm)
+    w0 = snapshot(lm)
     s = ExplorerSession(model_name="tiny-llama", lm=lm)
     s.edit(PROMPT, SUBJECT, "Google")
     risk = s.check_risk(PROMPT, SUBJECT, TARGET, "c-rome")  # the live edit is undone first
-    assert s.result is None and same(lm, w0)
+    assert s.result is None and identical(lm, w0)
     assert risk["score"] == guard.risk(lm, REQUEST, get_editor("c-rome"))
     assert risk["risky"] == (risk["score"] > risk["threshold"])
     ft = s.check_risk(PROMPT, SUBJECT, TARGET, "ft-linf")
@@ -121,7 +114,7 @@ def report_of(ppl, ppl_before=167.0, **kw):
              before=[(" Italy", 0.5), (" the", 0.25), (" a", 0.125), (" Spain", 0.0625), (" France", 0.03125)],
              after=[(" the", 0.75), (" Italy", 0.125), (" a", 0.0625), (",", 0.03125), (" and", 0.015625)],
              ppl_before=ppl_before, threshold=1000.0, denominator=0.0412, delta_norm=12.5, rel_change=0.31,
-             **perplexity.collapse_report(ppl, ppl_before))
+             **collapse_report(ppl, ppl_before))
     return {**r, **kw}
 
 
@@ -165,7 +158,7 @@ def find(box, name):
 
 def test_the_widget_driven_by_its_buttons_shows_risk_edit_and_undo(tiny_models):
     lm = tiny_models("tiny-llama")
-    w0 = weights(lm)
+    w0 = snapshot(lm)
     s = ExplorerSession(model_name="tiny-llama", lm=lm)
     box = edit_explorer(s)
     find(box, "case").value = 946
@@ -174,21 +167,22 @@ def test_the_widget_driven_by_its_buttons_shows_risk_edit_and_undo(tiny_models):
     assert [c.value for c in box.children[2:5]] == [case["prompt"], case["subject"], case["target_new"]]
     find(box, "check").click()
     risk = s.check_risk(case["prompt"], case["subject"], case["target_new"])
-    assert f"{risk['score']:.3g}" in find(box, "risk").value and same(lm, w0)
+    assert f"{risk['score']:.3g}" in find(box, "risk").value and identical(lm, w0)
     find(box, "edit").click()
     status, verdict, table, chart = (find(box, n) for n in ("status", "verdict", "table", "chart"))
     assert status.value.startswith("edit applied in") and s.report is not None
     assert verdict.value == verdict_html(s.report) and table.value == predictions_html(s.report)
     assert chart.value[:8] == b"\x89PNG\r\n\x1a\n" and chart.layout.display is None
-    assert not same(lm, w0) and not any(b.disabled for b in (find(box, n) for n in ("pick", "check", "edit", "undo")))
+    assert not identical(lm, w0)
+    assert not any(b.disabled for b in (find(box, n) for n in ("pick", "check", "edit", "undo")))
     find(box, "undo").click()
-    assert same(lm, w0) and status.value.startswith("edit undone: weights restored exactly")
+    assert identical(lm, w0) and status.value.startswith("edit undone: weights restored exactly")
     assert "as before the edit" in status.value and "NOT" not in status.value
     assert verdict.value == "" and chart.layout.display == "none"
     box.children[2].value, box.children[3].value = "Bay is in", "Nowhere"  # a subject not in the prompt: the
     # error is shown, the model stays unedited
     find(box, "edit").click()
-    assert "EditError" in status.value and "Nowhere" in status.value and same(lm, w0)
+    assert "EditError" in status.value and "Nowhere" in status.value and identical(lm, w0)
 
 
 def test_explorer_picks_counterfact_cases_and_reports_unknown_ones():

@@ -30,7 +30,6 @@ import torch
 
 from ..data import ME_PPL_FILES, load_me_ppl
 from ..models.loading import LoadedModel
-from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
 from .scoring import continuation_logprobs
 
 
@@ -71,11 +70,3 @@ def me_ppl(lm: LoadedModel, size: int = 50, batch_size: int = 16, progress: bool
                          f"the full ME-PPL), not {size!r} ({type(size).__name__})")
     ppl = sentence_perplexities(lm, load_me_ppl(int(size)), batch_size=batch_size, progress=progress)
     return dict(mean=float(np.mean(ppl)), median=float(np.median(ppl)), n=len(ppl))
-
-
-def collapse_report(ppl_edited: float, ppl_original: float, threshold: float = COLLAPSE_THRESHOLD) -> dict:
-    """Edited model's perplexity, its ratio to the unedited model's, and the collapse flag."""
-    if not np.isfinite(ppl_original) or ppl_original < 1:
-        raise ValueError(f"the unedited model's perplexity must be finite and >= 1, not {ppl_original}")
-    return dict(ppl=float(ppl_edited), ratio=float(ppl_edited) / float(ppl_original),
-                collapsed=is_collapsed(ppl_edited, threshold))

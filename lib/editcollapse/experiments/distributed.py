@@ -33,7 +33,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..results.store import ResultStore
+from ..editors import get_editor
+from ..guard import key_features, key_site
+from ..models.loading import load_model
+from ..results.store import SEQ_KEY, ResultStore
+from .sequential import sequential_run
+from .single import FailedEdit, single_edit_row
 
 
 # ---------------------------------------------------------------- jobs
@@ -51,7 +56,6 @@ class SingleEdit:
     chunk: int = 2
 
     def __post_init__(self):
-        from ..editors import get_editor
 
         self.name = get_editor(self.editor, **self.editor_kwargs).name  # refuses unknown editors here
 
@@ -59,14 +63,12 @@ class SingleEdit:
         return [(self.experiment, model, self.name, item.get("dataset"), item.get("case_id"))]
 
     def setup(self, lm) -> None:
-        from ..editors import get_editor
 
         self._editor = get_editor(self.editor, **self.editor_kwargs)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
         """A row per case; none for a case whose edit failed for another reason than the case itself
         (experiments.FailedEdit), so that the next sweep retries it."""
-        from .single import FailedEdit, single_edit_row
 
         ids, out = dict(experiment=self.experiment, model=lm.spec.name, editor=self.name), []
         for case in items:
@@ -90,7 +92,6 @@ class SequentialRuns:
     chunk: int = 1
 
     def keys(self, model: str, item: dict) -> list[tuple]:
-        from ..editors import get_editor
 
         name = get_editor(item["editor"]).name
         return [(self.experiment, item["run"], model, name, step) for step in range(len(item["cases"]) + 1)]
@@ -99,7 +100,6 @@ class SequentialRuns:
         pass
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
-        from .sequential import SEQ_KEY, sequential_run
 
         out = []
         for item in items:
@@ -124,13 +124,10 @@ class GuardScreen:
         return [(self.experiment, model, self.editor, item.get("dataset"), item.get("case_id"))]
 
     def setup(self, lm) -> None:
-        from ..editors import get_editor
-        from ..guard import key_site
 
         self._site = key_site(lm, get_editor(self.editor)).subset(self.n_contexts)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
-        from ..guard import key_features
 
         ids = dict(experiment=self.experiment, model=lm.spec.name, editor=self.editor,
                    n_contexts=len(self._site.contexts) - 1)
@@ -147,8 +144,6 @@ def _worker_class():
         """Loads the model once; `run(chunk)` returns the rows of every item of the chunk."""
 
         def __init__(self, model: str, device: str | None, threads: int, job):
-            from ..models.loading import load_model
-
             torch.set_num_threads(threads)
             os.environ["OMP_NUM_THREADS"] = str(threads)
             self.lm = load_model(model, device=device)

@@ -45,11 +45,9 @@ from ..models.loading import LoadedModel
 from ..models.nethook import get_parameter
 from ..paths import in_repo
 from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
-from ..results.store import ResultStore
+from ..results.store import SEQ_KEY, ResultStore
 from ..results.tables import sequential_rows
 
-SEQ_KEY = ("experiment", "run", "model", "editor", "step")
-DOWNSTREAM_KEY = SEQ_KEY + ("task", "metric")
 
 
 def param_change(w0: torch.Tensor, wt: torch.Tensor, cond_0: float | None = None) -> dict:

@@ -8,6 +8,11 @@
   case (`FailedEdit`) is not stored, so that a rerun retries it.
 - `first_token_cases` / `quick_sample`: the cases where collapse is expected ("The Fall of
   ROME", Sec. 3: the subject is the first token of the prompt) mixed with random ones.
+- `edit_samples` / `counterfact_cases` / `sweep_samples` / `sample_rows`: notebook 02's named samples (random CounterFact,
+  first-token, this model's shipped HardCF, zsRE), edited by every editor, and their rows with a
+  `sample` column (a case in two samples counts in both).
+- `bos_contrast`: the papers' contrast of a model without BOS and one with it: single edits of random
+  and first-token cases on both, as rows with `sample`.
 """
 from __future__ import annotations
 
@@ -27,9 +32,8 @@ from ..models.loading import LoadedModel
 from ..paths import data_dir, in_repo
 from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
 from ..results.query import select
-from ..results.store import ResultStore, run_cases
+from ..results.store import ROW_KEY, ResultStore, run_cases
 
-ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
 CASE_COLUMNS = ("case_id", "dataset", "subject", "prompt", "target_new", "ground_truth")
 
 
@@ -194,6 +198,86 @@ def shipped_hardcf(model: str) -> list[dict] | None:
         return None
     cases = json.loads(path.read_text())
     return [dict(c, dataset=c.get("dataset", "counterfact")) for c in cases]
+
+
+def edit_samples(lm: LoadedModel, n_counterfact: int | None, n_zsre: int | None = 0, n_first_token: int = 0,
+                 n_hardcf: int | None = 0, seed: int = 0) -> dict[str, list[dict]]:
+    """Notebook 02's samples by name, each nested in its size (same seed, same cases as notebooks 01, 03, 04):
+    "random" (`n_counterfact` random CounterFact cases; None: all), "first-token" (`n_first_token` cases whose
+    subject is the prompt's first token; fewer where fewer exist), "hardcf" (the first `n_hardcf` by case_id of
+    this model's shipped HardCF, `shipped_hardcf`; None: all of it, none where none ships) and "zsre"
+    (`n_zsre`; None: all). Empty samples are left out."""
+    samples = {"random": data.load_cases("counterfact", n_counterfact, seed) if n_counterfact != 0 else [],
+               "first-token": (first_token_cases(lm, data.load_cases("counterfact"), n_first_token, seed)
+                               if n_first_token else [])}
+    hardcf = shipped_hardcf(lm.spec.name) if n_hardcf != 0 else None
+    by_id = {c["case_id"]: c for c in data.load_counterfact()} if hardcf else {}
+    ids = sorted(int(c["case_id"]) for c in hardcf or [])
+    samples["hardcf"] = [by_id[i] for i in (ids if n_hardcf is None else ids[:n_hardcf])]
+    samples["zsre"] = data.load_cases("zsre", n_zsre, seed) if n_zsre != 0 else []
+    return {name: sorted(cases, key=lambda c: c["case_id"]) for name, cases in samples.items() if cases}
+
+
+def counterfact_cases(lm: LoadedModel, n_random: int | None, n_first_token: int = 0, n_hardcf: int | None = 0,
+                      seed: int = 0) -> list[dict]:
+    """The CounterFact cases of `edit_samples`' random, first-token and HardCF samples, once each, by case_id
+    (notebooks 01 and 04: the HardCF gives the collapse side its size without a screen)."""
+    samples = edit_samples(lm, n_random, 0, n_first_token, n_hardcf, seed)
+    cases = {c["case_id"]: c for name in ("random", "first-token", "hardcf") for c in samples.get(name, [])}
+    return sorted(cases.values(), key=lambda c: c["case_id"])
+
+
+def _by_dataset(samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The union of the samples' cases per dataset, without duplicates, by case_id."""
+    out: dict[str, dict] = {}
+    for cases in samples.values():
+        for c in cases:
+            out.setdefault(c.get("dataset", "counterfact"), {})[c["case_id"]] = c
+    return {d: sorted(cs.values(), key=lambda c: c["case_id"]) for d, cs in out.items()}
+
+
+def sweep_samples(lm: LoadedModel, editors, samples: dict[str, list[dict]], store: ResultStore, ppl_size: int = 50,
+                  ppl_original: float | None = None, experiment: str | None = None) -> dict[tuple[str, str], dict]:
+    """`single_edit_sweep` of every editor over the union of `samples` per dataset (a case in two samples is
+    edited once; rows in `store` are reused). Returns {(editor, dataset): the sweep's summary}."""
+    experiment = experiment or f"single_edit_ppl{ppl_size}"
+    return {(editor, dataset): single_edit_sweep(lm, editor, cases, store, experiment=experiment, ppl_size=ppl_size,
+                                                 ppl_original=ppl_original)
+            for editor in editors for dataset, cases in _by_dataset(samples).items()}
+
+
+def sample_rows(store, model: str, editors, samples: dict[str, list[dict]], ppl_size: int = 50,
+                experiment: str | None = None):
+    """The rows of `editors` on `model` for each sample, with column `sample` (a case in two samples has a
+    row in each), in the samples' order."""
+    import pandas as pd
+
+    from ..results.tables import sweep_rows
+
+    experiment = experiment or f"single_edit_ppl{ppl_size}"
+    rows = store.read() if isinstance(store, ResultStore) else store
+    parts = [sweep_rows(rows, experiment, model, editors, _by_dataset({name: cases})).assign(sample=name)
+             for name, cases in samples.items()]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["sample", *ROW_KEY])
+
+
+def bos_contrast(models: list[LoadedModel], editors, n_random: int, n_first_token: int, store: ResultStore,
+                 ppl_size: int = 50, seed: int = 0):
+    """The papers' contrast ("The Fall of ROME", Sec. 3: first-token collapse needs a model without BOS):
+    on each model, `editors` edit `n_random` random and `n_first_token` first-token CounterFact cases (the
+    samples of `edit_samples`, so rows of notebook 02's own sweep are reused). Returns (rows with `model`
+    and `sample`, {model: prepend_bos}); feed them to `results.tables.bos_contrast_table`."""
+    import pandas as pd
+
+    parts, bos = [], {}
+    for lm in models:
+        samples = edit_samples(lm, n_random, 0, n_first_token, 0, seed)
+        original = perplexity.me_ppl(lm, ppl_size, progress=False)["mean"]
+        sweep_samples(lm, editors, samples, store, ppl_size, ppl_original=original)
+        parts.append(sample_rows(store, lm.spec.name, editors, samples, ppl_size))
+        bos[lm.spec.name] = bool(lm.spec.prepend_bos)
+    return pd.concat(parts, ignore_index=True), bos
 
 
 def hard_and_normal_cases(lm: LoadedModel, store: ResultStore, n: int, n_screen: int = 0, ppl_size: int = 50,

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .. import data
 from ..editors import ROME, Editor, get_editor
 from ..eval.perplexity import me_ppl
-from ..experiments.single import ROW_KEY, first_token_cases, results_store, single_edit_sweep
+from ..experiments.single import first_token_cases, results_store, single_edit_sweep
+from ..results.store import ROW_KEY
 from ..guard import assess, key_features, key_site, label_rows, rescore, sweep_of
 from ..models.loading import LoadedModel
 from ..paths import atomic_write_text, in_repo

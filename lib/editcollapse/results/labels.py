@@ -31,3 +31,11 @@ def is_collapsed(ppl, threshold: float = COLLAPSE_THRESHOLD, ppl_original=None):
     if isinstance(ppl, pd.Series):
         return pd.Series(flags, index=ppl.index)
     return bool(flags) if flags.ndim == 0 else flags
+
+
+def collapse_report(ppl_edited: float, ppl_original: float, threshold: float = COLLAPSE_THRESHOLD) -> dict:
+    """Edited model's perplexity, its ratio to the unedited model's, and the collapse flag."""
+    if not np.isfinite(ppl_original) or ppl_original < 1:
+        raise ValueError(f"the unedited model's perplexity must be finite and >= 1, not {ppl_original}")
+    return dict(ppl=float(ppl_edited), ratio=float(ppl_edited) / float(ppl_original),
+                collapsed=is_collapsed(ppl_edited, threshold))

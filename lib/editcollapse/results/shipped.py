@@ -24,10 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from .. import machine
-from ..experiments.single import ROW_KEY
 from ..paths import REPO_ROOT, atomic_write_bytes, atomic_write_text, data_dir, in_repo
-from ..experiments.sequential import DOWNSTREAM_KEY, SEQ_KEY
-from .store import ResultStore
+from .store import DOWNSTREAM_KEY, ROW_KEY, SEQ_KEY, ResultStore
 
 SEQUENTIAL_RUN = ("experiment", "run", "model", "editor")  # the columns that name one sequential run
 STORE_KEYS = {  # the stores that are shipped, with their key columns

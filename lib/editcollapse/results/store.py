@@ -51,6 +51,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 _SCALARS = (str, int, float, bool, type(None))
+# The keys of this project's stores: a single edit, a step of a sequential run, a downstream score at a step.
+ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
+SEQ_KEY = ("experiment", "run", "model", "editor", "step")
+DOWNSTREAM_KEY = SEQ_KEY + ("task", "metric")
 
 
 class StoreError(ValueError):

@@ -5,10 +5,16 @@
   editor (ROME), so that C-ROME and the others can be compared on ROME's collapse cases.
 - `single_edit_table`: the Butterfly-Effect single-editing comparison, one row per (editor,
   dataset): edits, refusals, collapse rate, perplexity, efficacy, generalisation, locality and the
-  relative parameter change that every editor reports.
+  relative parameter change that every editor reports, each rate and mean with its 95 % interval
+  (`wilson_interval`, `mean_interval`).
+- `bos_contrast_table` / `bos_contrast_summary`: the papers' contrast of a model without BOS and one
+  with it (first-token cases against random ones), as a table and a sentence.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 
 from .labels import COLLAPSE_THRESHOLD, is_collapsed
@@ -30,31 +36,126 @@ def label_cases(rows: pd.DataFrame, reference: str = "rome") -> pd.DataFrame:
     out["case"] = (out.collapsed.fillna(False).astype(bool).map({True: "collapse", False: "normal"})
                    .where(ok, "refused"))
     ref = out[(out.editor == reference) & ok].set_index(["dataset", "case_id"]).case
+    ref = ref[~ref.index.duplicated()]  # a case in two samples has two identical rows
     out["reference_case"] = [ref.get((d, c), "n/a") for d, c in zip(out.dataset, out.case_id)]
     return out
 
 
-def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD) -> pd.DataFrame:
-    """Per (editor, dataset): edits, refused, collapsed, collapse_rate, ppl (max, median), the headline
-    metrics (mean over successful edits) and the median relative parameter change ‖ΔW‖/‖W‖.
+def _z(level: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf((1 + level) / 2))
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (NaN, NaN for n = 0). Unlike k/n ± z·se it stays in
+    [0, 1] and is not empty at k = 0 or k = n: 0 of 10 gives (0, 0.278), 5 of 10 (0.237, 0.763)."""
+    if n <= 0:
+        return math.nan, math.nan
+    z, p = _z(level), k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def mean_interval(values, level: float = 0.95, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """Student-t interval of the mean of `values` (NaN dropped): mean ± t_{n-1}·s/√n; NaN, NaN below 2
+    values. With `bounds`, clipped to them (a metric's range). [0, 1, 1, 1]: 0.75 ± 3.182·0.25."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if len(x) < 2:
+        return math.nan, math.nan
+    half = float(t.ppf((1 + level) / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    lo, hi = float(x.mean()) - half, float(x.mean()) + half
+    return (max(bounds[0], lo), min(bounds[1], hi)) if bounds else (lo, hi)
+
+
+def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD, by=("editor", "dataset"),
+                      level: float = 0.95) -> pd.DataFrame:
+    """Per (editor, dataset) (or the columns `by`, e.g. ("editor", "sample")): edits, refused, collapsed,
+    collapse_rate with its Wilson interval (`collapse_rate_lo`, `collapse_rate_hi`; `wilson_interval`), ppl
+    (max, median), the headline metrics (mean over successful edits) each with a Student-t interval over the
+    edits, clipped to [0, 1], the metrics' range (`<metric>_lo`, `<metric>_hi`; `mean_interval`), and the
+    median relative parameter change ‖ΔW‖/‖W‖. Intervals are at `level` (95 %).
 
     Edits of cases the editor was trained on (MEND's training split, column `trained_on`) are left
     out, so that every score is a held-out score; `trained_on_left_out` counts them."""
+    by = list(by)
     seen = rows.trained_on.fillna(False).astype(bool) if "trained_on" in rows else pd.Series(False, index=rows.index)
-    left_out = seen.groupby([rows.editor, rows.dataset]).sum().astype(int)
+    left_out = seen.groupby([rows[c] for c in by]).sum().astype(int)
     rows = rows[~seen]
     ok = rows[rows.error.isna()] if "error" in rows else rows
-    refused = (rows.groupby(["editor", "dataset"]).error.apply(lambda e: int(e.notna().sum()))
-               if "error" in rows else 0)
-    table = ok.groupby(["editor", "dataset"]).agg(
+    refused = (rows.groupby(by).error.apply(lambda e: int(e.notna().sum())) if "error" in rows else 0)
+    metrics = [m for m in HEADLINE if m in ok]
+    table = ok.groupby(by).agg(
         edits=("case_id", "size"), collapsed=("ppl", lambda p: int(is_collapsed(p, threshold).sum())),
         max_ppl=("ppl", "max"), median_ppl=("ppl", "median"),
-        **{m: (m, "mean") for m in HEADLINE if m in ok},
+        **{m: (m, "mean") for m in metrics},
         median_rel_change=("rel_change", "median"), seconds_edit=("seconds_edit", "median"))
     table.insert(1, "refused", refused)
     table["trained_on_left_out"] = left_out.reindex(table.index, fill_value=0)
     table.insert(3, "collapse_rate", table.collapsed / table.edits)
+    wilson = [wilson_interval(k, n, level) for k, n in zip(table.collapsed, table.edits)]
+    table.insert(4, "collapse_rate_lo", [w[0] for w in wilson])
+    table.insert(5, "collapse_rate_hi", [w[1] for w in wilson])
+    groups = ok.groupby(by)
+    for m in metrics:
+        spans = groups[m].apply(lambda v: mean_interval(v, level, bounds=(0.0, 1.0))).reindex(table.index)
+        at = table.columns.get_loc(m) + 1
+        table.insert(at, f"{m}_lo", [s[0] for s in spans])
+        table.insert(at + 1, f"{m}_hi", [s[1] for s in spans])
     return table
+
+
+def single_edit_lines(table: pd.DataFrame, ppl_size: int = 50) -> list[str]:
+    """One line per row of `single_edit_table`: k of n edits collapse (rate, 95 % Wilson interval), the largest
+    and median ME-PPL, and each headline metric with its 95 % interval."""
+    lines = []
+    for key, r in table.iterrows():
+        editor, where = (key[0], " / ".join(map(str, key[1:]))) if isinstance(key, tuple) else (key, "")
+        scores = ", ".join(f"{m} {r[m]:.2f} [{r[f'{m}_lo']:.2f}, {r[f'{m}_hi']:.2f}]" for m in HEADLINE
+                           if m in r and r[m] == r[m])
+        lines.append(f"{editor:>9} on {where:<11}: {int(r.collapsed)} of {int(r.edits)} edits collapse the model "
+                     f"({r.collapse_rate:.1%}, 95 % CI {r.collapse_rate_lo:.1%}–{r.collapse_rate_hi:.1%}; largest "
+                     f"ME-PPL_{ppl_size} {r.max_ppl:,.1f}, median {r.median_ppl:,.1f}); {scores}")
+    return lines
+
+
+def bos_contrast_table(rows: pd.DataFrame, bos: dict[str, bool], threshold: float = COLLAPSE_THRESHOLD,
+                       level: float = 0.95) -> pd.DataFrame:
+    """The papers' contrast: per (model, editor, sample) the collapse rate with its Wilson interval, and
+    whether the model puts a BOS token in front (`bos`: {model: prepend_bos}). `rows` are single-edit rows
+    with a `sample` column (e.g. "first-token", "random")."""
+    table = single_edit_table(rows, threshold, by=("model", "editor", "sample"), level=level)
+    table = table[["edits", "refused", "collapsed", "collapse_rate", "collapse_rate_lo", "collapse_rate_hi",
+                   "max_ppl", "median_ppl"]].copy()
+    table.insert(0, "bos", [bool(bos.get(m)) for m in table.index.get_level_values("model")])
+    return table
+
+
+def bos_contrast_summary(table: pd.DataFrame, sample: str = "first-token") -> str:
+    """One sentence per (model, editor) on the `sample` cases: k of n collapse (rate, 95 % interval), model
+    with or without BOS; then whether the models with BOS collapse less than those without."""
+    if table.empty:
+        return "no contrast rows"
+    parts, rates = [], {True: [], False: []}
+    for (model, editor, s), r in table.iterrows():
+        if s != sample:
+            continue
+        parts.append(f"{editor} on {model} ({'BOS' if r.bos else 'no BOS'}): {int(r.collapsed)} of {int(r.edits)} "
+                     f"{sample} edits collapse ({r.collapse_rate:.0%}, 95 % CI {r.collapse_rate_lo:.0%}–"
+                     f"{r.collapse_rate_hi:.0%})")
+        rates[bool(r.bos)].append(r)
+    text = "; ".join(parts) + "." if parts else f"no {sample} edits in the contrast."
+    if rates[True] and rates[False]:
+        worst_bos = max(rates[True], key=lambda r: r.collapse_rate_hi)
+        best_nobos = min(rates[False], key=lambda r: r.collapse_rate_lo)
+        apart = worst_bos.collapse_rate_hi < best_nobos.collapse_rate_lo
+        text += (" The papers' contrast " + ("holds: every" if apart else "is not separated here: not every")
+                 + " 95 % interval with BOS lies below every one without.")
+    return text
 
 
 def sequential_rows(rows, model: str, editors, runs, experiment: str = "sequential",

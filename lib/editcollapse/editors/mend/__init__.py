@@ -13,9 +13,9 @@ adds ΔW = −η_W Σ_i δ̃_i ũ_iᵀ (Sec. 3).
     python -m editcollapse.cli.mend train --model smollm2-135m --steps 300
     python -m editcollapse.cli.mend evaluate --model smollm2-135m --cases 20
 """
-from .editor import MEND, PRESETS, MENDCheckpoint, MENDHyperParams, checkpoint_dir, held_out_cases
+from .editor import MEND, PRESETS, MENDCheckpoint, MENDHyperParams, checkpoint_dir, has_checkpoint, held_out_cases
 from .network import MENDNet, gradient_factors, in_out, mlp_weights
 from .training import evaluate, train, train_and_save, validate
 
-__all__ = ["MEND", "PRESETS", "MENDCheckpoint", "MENDHyperParams", "MENDNet", "checkpoint_dir", "evaluate",
+__all__ = ["MEND", "PRESETS", "MENDCheckpoint", "MENDHyperParams", "MENDNet", "checkpoint_dir", "evaluate", "has_checkpoint",
            "gradient_factors", "held_out_cases", "in_out", "mlp_weights", "train", "train_and_save", "validate"]

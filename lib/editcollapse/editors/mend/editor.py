@@ -141,6 +141,11 @@ def checkpoint_dir(model: str) -> Path:
     return cache_dir() / "mend" / model
 
 
+def has_checkpoint(model: str) -> bool:
+    """Whether `make train-mend MODEL=model` has saved a checkpoint for `model` (in checkpoint_dir)."""
+    return (checkpoint_dir(model) / "mend.pt").exists()
+
+
 # ---------------------------------------------------------------- data
 def training_cases() -> tuple[list[dict], str]:
     """MEND's training edits: CounterFact's train split and zsRE but its last 100 cases (kept for evaluation)."""
