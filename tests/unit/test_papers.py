@@ -75,3 +75,11 @@ def test_second2first_and_sequential_numbers():
     assert table.paper[("sequential_ppl_end", "memit", "hard")] == 6.85e4 and len(table) == 9
     assert papers.versus("gpt2-xl", sequential=steps).empty  # the paper's table is Llama-2-7b's only
     assert papers.versus("gpt2-xl").empty
+
+
+def test_sequential_numbers_are_on_me_ppl_1k_where_the_run_measured_it():
+    steps = pd.DataFrame(dict(editor=["rome"] * 3, run=["hard"] * 3, step=[0, 1, 2], ppl=[100.0, 2e3, 9e5],
+                              ppl_1000=[120.0, float("nan"), 7e5]))
+    table = papers.versus("llama2-7b", sequential=steps).set_index(papers.KEY)
+    assert table.ours[("sequential_ppl_end", "rome", "hard")] == 7e5  # the paper's corpus, not ME-PPL_50's 9e5
+    assert table.ours[("sequential_ppl_end", "unedited", "")] == 120.0

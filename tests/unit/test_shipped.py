@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from editcollapse import data, paths
-
-from editcollapse.results import shipped
 from editcollapse.experiments.sequential import sequential_run, sequential_store
-from editcollapse.results.store import DOWNSTREAM_KEY, SEQ_KEY
-from editcollapse.results.store import ResultStore
+from editcollapse.results import papers, shipped
+from editcollapse.results.store import DOWNSTREAM_KEY, SEQ_KEY, ResultStore
+from editcollapse.results.tables import collapse_steps, downstream_change
 from tests.fast import FAST
 
 KEYS = {"seq": SEQ_KEY, "ds": DOWNSTREAM_KEY}
@@ -76,3 +75,26 @@ def test_the_shipped_tables_load_and_match_their_card(profile):
         rows = shipped.load(profile, name)
         assert len(rows) == entry["rows"] == sum(c["rows"] for c in entry["counts"])
         assert not rows.duplicated(subset=entry["key"]).any(), f"{name}: a key is shipped twice"
+
+
+@pytest.mark.skipif("local" not in PROFILES, reason="no local profile shipped")
+def test_the_readme_long_profile_findings_are_the_shipped_rows():
+    """The README's table of ROME's sequential runs states what the library computes from the shipped rows."""
+    readme = (paths.REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### The long profile"):readme.index("### Figures")]
+    steps = collapse_steps(shipped.load("local", "sequential")).loc["rome"]
+    first = [f"**{int(steps.loc[run, 'first_collapse_step'])}**" for run in ("hard", "normal")]
+    assert f"| first step with ME-PPL_50 > 1000 | {first[0]} " in section and f"| {first[1]} " in section
+    change = downstream_change(shipped.load("local", "sequential_downstream")).set_index(["run", "task", "metric"])
+    for task, metric, label in [("lambada", "acc", "LAMBADA acc"), ("hellaswag", "acc_norm", "HellaSwag acc_norm"),
+                                ("piqa", "acc_norm", "PIQA acc_norm"), ("squad2", "f1", "SQuAD 2.0 F1")]:
+        cells = []
+        for run in ("hard", "normal"):
+            r = change.loc[(run, task, metric)]
+            cells.append(f"{r['first']:.2f} → {r['last']:.2f} ({r.change:.2f}, {r.change_low:.2f} to "
+                         f"{r.change_high:.2f})".replace("-", "−"))
+        assert f"| {label} | {cells[0]} | {cells[1]} |" in section
+    versus = papers.versus("llama2-7b", sequential=shipped.load("local", "sequential")).set_index(papers.KEY).ours
+    assert f"| **{versus[('sequential_ppl_end', 'rome', 'normal')]:,.0f}** (85 edits" in section
+    assert f"| {versus[('sequential_ppl_end', 'unedited', '')]:,.0f} |" in section
+

@@ -1,6 +1,7 @@
 """tables: the sweep query, collapse labels and the per-editor single-edit table, on hand-made rows."""
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -213,3 +214,24 @@ def test_bos_contrast_table_and_sentence():
     text = bos_contrast_summary(table)
     assert "rome on nobos (no BOS): 8 of 10 first-token edits collapse (80%, 95 % CI 49%–94%)" in text
     assert "0 of 10" in text and "holds" in text  # [0, 27.8 %] lies below [49 %, 94 %]
+
+
+def test_downstream_change_is_paired_over_items_with_a_bootstrap_interval():
+    from editcollapse.results.tables import downstream_change
+
+    base = dict(editor="rome", run="hard", task="piqa", metric="acc")
+    start, end = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 1, 0, 0, 1, 0]
+    rows = pd.DataFrame([dict(base, step=0, value=np.mean(start), items=start),
+                         dict(base, step=85, value=np.mean(end), items=end),
+                         dict(base, metric="perplexity", step=0, value=51.5, items=[-3.7, -0.6]),
+                         dict(base, metric="perplexity", step=85, value=900.0, items=[-9.1, -8.8])])
+    got = downstream_change(rows, n_boot=4000, seed=1)
+    assert len(got) == 1  # perplexity's value is not the mean of its items: left out
+    r = got.iloc[0]
+    assert (r.n, r.step_first, r.step_last) == (10, 0, 85)
+    assert r.change == pytest.approx(0.3 - 0.7)
+    # paired: every resample's change is −(number of 1→0 items drawn)/10, so the interval lies in [−1, 0]
+    assert -1 <= r.change_low < r.change < r.change_high <= 0
+    same = downstream_change(pd.DataFrame([dict(base, step=0, value=0.5, items=[1, 0]),
+                                           dict(base, step=9, value=0.5, items=[1, 0])]))
+    assert (same.change_low.iloc[0], same.change_high.iloc[0]) == (0.0, 0.0)

@@ -27,12 +27,12 @@ from .. import data
 from ..editors import ROME, Editor, get_editor
 from ..eval.perplexity import me_ppl
 from ..experiments.single import first_token_cases, results_store, single_edit_sweep
-from ..results.store import ROW_KEY
 from ..guard import assess, key_features, key_site, label_rows, rescore, sweep_of
 from ..models.loading import LoadedModel
 from ..paths import atomic_write_text, in_repo
-from ..results.labels import COLLAPSE_THRESHOLD
+from ..results.labels import COLLAPSE_THRESHOLD, is_collapsed
 from ..results.query import select
+from ..results.store import ROW_KEY
 
 # Result stores (under results_dir) holding single-edit rows: the notebooks' store and the guard jobs' own.
 EDIT_STORES = ("single_edit", "guard_confirm", "guard_eval")
@@ -50,10 +50,11 @@ def write_hard_cases(path, hard: pd.DataFrame, record: Callable[[tuple], dict]) 
 
 def sweep_hardcf(rows: pd.DataFrame, path: str | Path | None = None,
                  threshold: float = COLLAPSE_THRESHOLD) -> list[dict]:
-    """Collapse cases (ppl > threshold) of a CounterFact sweep (pandas rows) in CounterFact format, with their
-    model, editor, perplexity and first_token."""
+    """Collapse cases (`is_collapsed`) of the successful edits of a CounterFact sweep (pandas rows) in CounterFact
+    format, with their model, editor, perplexity and first_token."""
     cf = {c["case_id"]: c for c in data.load_counterfact()}
-    hard = rows[(rows["dataset"] == "counterfact") & (rows["ppl"] > threshold)]
+    edits = select(rows, ok=True, dataset="counterfact")
+    hard = edits[is_collapsed(edits.ppl.astype(float), threshold)] if len(edits) else edits
     return write_hard_cases(path, hard, lambda r: dict(cf[int(r.case_id)], model=r.model, editor=r.editor,
                                                         ppl=float(r.ppl), first_token=bool(r.first_token)))
 

@@ -123,11 +123,13 @@ def _second2first(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sequential(steps: pd.DataFrame) -> pd.DataFrame:
-    """Perplexity at each run's last step (`tables.sequential_rows`), and the unedited model's at step 0."""
-    last = steps[steps.step == steps.groupby(["editor", "run"]).step.transform("max")]
-    out = {("sequential_ppl_end", e, r): p for e, r, p in zip(last.editor, last.run, last.ppl)}
+    """Perplexity at each run's last step (`tables.sequential_rows`), and the unedited model's at step 0: on
+    ME-PPL_1k, the paper's corpus, where the run measured it there (`ppl_1000`), else on the run's own size."""
+    ppl = steps.ppl_1000.fillna(steps.ppl) if "ppl_1000" in steps else steps.ppl
+    last = steps.step == steps.groupby(["editor", "run"]).step.transform("max")
+    out = {("sequential_ppl_end", e, r): p for e, r, p in zip(steps.editor[last], steps.run[last], ppl[last])}
     if (steps.step == 0).any():
-        out[("sequential_ppl_end", "unedited", "")] = steps[steps.step == 0].ppl.iloc[0]
+        out[("sequential_ppl_end", "unedited", "")] = ppl[steps.step == 0].iloc[0]
     return _tidy(out)
 
 

@@ -211,3 +211,25 @@ def downstream_table(downstream: pd.DataFrame, steps: pd.DataFrame, original: pd
         table = pd.concat([first, table])
     table.index.names = ["cases", "editor"]
     return table
+
+
+def downstream_change(downstream: pd.DataFrame, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Each run's downstream score at its first and last measured step, and the change (last − first) with a
+    paired bootstrap interval over the items (the same items at both steps: resampled together). Only metrics
+    whose value is the mean of their per-item scores (accuracies, F1, exact match); one row per (editor, run,
+    task, metric) with n items."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for (editor, run, task, metric), g in downstream.groupby(["editor", "run", "task", "metric"]):
+        first, last = g.loc[g.step.idxmin()], g.loc[g.step.idxmax()]
+        a, b = np.asarray(first["items"], dtype=float), np.asarray(last["items"], dtype=float)
+        if first.step == last.step or len(a) != len(b) or not (np.isclose(a.mean(), first.value)
+                                                               and np.isclose(b.mean(), last.value)):
+            continue
+        idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+        boot = (b[idx] - a[idx]).mean(axis=1)
+        lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+        out.append(dict(editor=editor, run=run, task=task, metric=metric, n=len(a), step_first=int(first.step),
+                        step_last=int(last.step), first=float(first.value), last=float(last.value),
+                        change=float(last.value - first.value), change_low=float(lo), change_high=float(hi)))
+    return pd.DataFrame(out)
