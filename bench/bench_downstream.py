@@ -5,13 +5,14 @@
 With --old FILE, the hand-written evaluator that lm-eval replaced runs side by side on the same
 items, and each metric of both is printed (agreement and cost; docs/downstream_lmeval.md):
 
-    git show b197923:lib/editcollapse/eval/downstream.py > /tmp/downstream_old.py
+    git show b197923:lib/editcollapse/downstream.py > /tmp/downstream_old.py
     .venv/bin/python bench/bench_downstream.py --n 100 --old /tmp/downstream_old.py
 """
 import argparse
 import importlib.util
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,10 +21,12 @@ from editcollapse.models.loading import DEFAULT_MODEL, load_model
 
 
 def load_old(path: str):
-    """The old evaluator as module editcollapse.downstream_old (its `from . import data` still resolves)."""
-    spec = importlib.util.spec_from_file_location("editcollapse.downstream_old", path)
+    """The old evaluator as module editcollapse.downstream_old: its `from . import data` still resolves, its
+    `from .models import` is pointed at models.loading (the module has moved since)."""
+    source = Path(path).read_text().replace("from .models import", "from .models.loading import")
+    spec = importlib.util.spec_from_loader("editcollapse.downstream_old", loader=None)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    exec(compile(source, path, "exec"), mod.__dict__)
     return mod
 
 

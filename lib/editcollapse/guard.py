@@ -370,7 +370,12 @@ class Guarded(Editor):
                     prefix = site.contexts[1:][(requests[0].case_id or 0) % (len(site.contexts) - 1)]
                     requests = tuple(EditRequest(prefix.replace("{}", r.template().replace("{}", r.subject)), r.subject,
                                                  r.target_new, r.target_true, r.case_id) for r in requests)
-        result = editor.apply(lm, requests)
+        inner = editor.phase_callbacks  # the wrapped editor's phases reach this guard's callbacks too
+        editor.phase_callbacks = (*inner, *self.phase_callbacks)
+        try:
+            result = editor.apply(lm, requests)
+        finally:
+            editor.phase_callbacks = inner
         result.editor = self.name
         result.seconds = {**self.clock, **result.seconds, "total": result.seconds["total"] + self.clock["guard"]}
         result.diagnostics.update(guard_score=float(feats.score.max()), guard_threshold=float(threshold),
@@ -379,3 +384,7 @@ class Guarded(Editor):
         if prefix is not None:
             result.test_prefix = prefix
         return result
+
+
+if __name__ == "__main__":  # the old command: say where it went instead of exiting 0 having run nothing
+    raise SystemExit("the command line moved: python -m editcollapse.cli.guard")

@@ -146,7 +146,7 @@ def _strip_file(path: Path) -> None:
 
 def check_machine(params: dict[str, dict]) -> None:
     """Refuse, before any notebook starts, a profile this machine cannot run: CUDA asked for and absent,
-    or a model whose weights cannot be found (`models.check_available`)."""
+    or a model whose weights cannot be found (`models.loading.check_available`)."""
     import torch
 
     from .models.loading import ModelLoadError, check_available
@@ -269,3 +269,7 @@ def _record_seconds(path: Path, stem: str, seconds: float) -> None:
     """{notebook: wall seconds of its last run} in `path`, this notebook's entry replaced."""
     seconds_by = json.loads(path.read_text()) if path.exists() else {}
     atomic_write_text(path, json.dumps({**seconds_by, stem: round(seconds, 1)}, indent=1))
+
+
+if __name__ == "__main__":  # the old command: say where it went instead of exiting 0 having run nothing
+    raise SystemExit("the command line moved: python -m editcollapse.cli.reproduce (or make reproduce)")

@@ -6,7 +6,7 @@ after, ME-PPL perplexity against the collapse threshold, and an exact undo; long
 progress through a callback. `risk_html`, `verdict_html`, `predictions_html` and `prediction_chart`
 render a report; `edit_explorer()` wires it all to ipywidgets. In a notebook:
 
-    from .widgets import edit_explorer
+    from editcollapse.widgets import edit_explorer
     edit_explorer()
 """
 from __future__ import annotations

@@ -137,6 +137,19 @@ def test_guard_warns_or_switches(tiny_models):
         assert identical(lm, switched)
 
 
+def test_a_guarded_editor_reports_the_wrapped_editors_phases(tiny_models):
+    """on_phase of a Guarded editor sees its own phase ("guard") and every phase of the editor it wraps."""
+    lm, seen = tiny_models("tiny-llama"), []
+    rome = ROME(hparams=FAST)
+    guarded = guard.Guarded(rome, "refuse", threshold=NEVER)
+    guarded.on_phase(lambda phase, started: seen.append((phase, started)))
+    with edited(lm, REQS[0], guarded) as result:
+        phases = {phase for phase, _ in seen}
+        assert "guard" in phases and {"v_star", "update"} <= phases
+        assert phases - {"guard"} == set(result.seconds) - {"guard", "total"}
+    assert rome.phase_callbacks == ()  # the wrapped editor is left as it was
+
+
 def test_prefix_switch_for_memit(tiny_models):
     """A MEMIT edit that the guard flags is made on the prompt behind one of MEMIT's context templates,
     which is also the result's test-time prefix."""

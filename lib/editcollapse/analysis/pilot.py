@@ -2,7 +2,7 @@
 scores of the original model, of normal edits and of collapsed edits, with bootstrap confidence
 intervals over items, and the rank correlation between log-perplexity and score.
 
-Inputs are the tidy downstream rows of `experiments.downstream_rows` (task, metric, value, n, items,
+Inputs are the tidy downstream rows of `experiments.single.downstream_rows` (task, metric, value, n, items,
 case_id, ...) with each model's ME-PPL perplexity in a `ppl` column. Every model of one task saw the
 same items (a seeded sample), so `items` lists line up across models.
 """

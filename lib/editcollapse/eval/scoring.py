@@ -9,7 +9,9 @@ position P-1+j scores c_j:
 The row (`pack`'s `inputs`) is the whole text p ⊕ c ("text": the metrics and the perplexity),
 the tokens teacher forcing needs p ⊕ c_<T ("forced": the FT and MEND losses), or the bare prompt
 with every c_j scored at its last position P-1 ("prompt": FT's prompt_last). The batch width sets
-the float32 rounding of the logits, so each caller keeps the rows it has always fed.
+the float32 rounding of the logits, so each caller keeps the rows it has always fed. Batches go longest
+first: with more than `batch_size` pairs they group other rows than an input-order batching (values
+move by up to 1e-6; the edit metrics score at most 6 pairs, one batch).
 
 - `target_pairs`: (prompt, ``" " + target``) pairs as ROME scores them (prompt with the BOS rule);
 - `pack` lays pairs out as one batch; `token_logprobs` / `mean_nll` read the scored log-probs from

@@ -1,6 +1,6 @@
 """Sweeps on Ray: one worker per GPU or per CPU slot, each loading its model once and editing chunks of cases.
 
-    from .distributed import SingleEdit, ray_sweep
+    from editcollapse.experiments.distributed import SingleEdit, ray_sweep
     ray_sweep(SingleEdit("rome"), "smollm2-135m", cases, store, workers=2)
 
 - **Work.** A job (`SingleEdit`, `SequentialRuns`, `GuardScreen`) turns items (cases, or whole edit
@@ -18,7 +18,7 @@
   chunks in flight: running the sweep again does the rest.
 - **Where.** With no Ray running, `ray_sweep` starts a local instance (all the machine's cores);
   `address="auto"` or `"ray://host:10001"` joins an existing cluster. Runs on one process (no
-  Ray) stay `experiments.single_edit_sweep` and friends: the rows are the same.
+  Ray) stay `experiments.single.single_edit_sweep` and friends: the rows are the same.
 
 `python -m editcollapse.cli.sweep --help` runs a single-edit sweep from the command line.
 """
@@ -56,14 +56,12 @@ class SingleEdit:
     chunk: int = 2
 
     def __post_init__(self):
-
         self.name = get_editor(self.editor, **self.editor_kwargs).name  # refuses unknown editors here
 
     def keys(self, model: str, item: dict) -> list[tuple]:
         return [(self.experiment, model, self.name, item.get("dataset"), item.get("case_id"))]
 
     def setup(self, lm) -> None:
-
         self._editor = get_editor(self.editor, **self.editor_kwargs)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
@@ -92,7 +90,6 @@ class SequentialRuns:
     chunk: int = 1
 
     def keys(self, model: str, item: dict) -> list[tuple]:
-
         name = get_editor(item["editor"]).name
         return [(self.experiment, item["run"], model, name, step) for step in range(len(item["cases"]) + 1)]
 
@@ -100,7 +97,6 @@ class SequentialRuns:
         pass
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
-
         out = []
         for item in items:
             with tempfile.TemporaryDirectory() as tmp:
@@ -124,11 +120,9 @@ class GuardScreen:
         return [(self.experiment, model, self.editor, item.get("dataset"), item.get("case_id"))]
 
     def setup(self, lm) -> None:
-
         self._site = key_site(lm, get_editor(self.editor)).subset(self.n_contexts)
 
     def rows(self, lm, items: list[dict]) -> list[dict]:
-
         ids = dict(experiment=self.experiment, model=lm.spec.name, editor=self.editor,
                    n_contexts=len(self._site.contexts) - 1)
         feats = key_features(lm, items, site=self._site, batch_size=len(items))

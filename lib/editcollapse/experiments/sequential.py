@@ -49,7 +49,6 @@ from ..results.store import SEQ_KEY, ResultStore
 from ..results.tables import sequential_rows
 
 
-
 def param_change(w0: torch.Tensor, wt: torch.Tensor, cond_0: float | None = None) -> dict:
     """Cumulative change of one weight matrix: delta_norm, rel_change, norm_growth, cond (and cond_0)."""
     w0, wt = w0.double(), wt.double()

@@ -187,8 +187,6 @@ def recall_estimate(plan: pd.DataFrame, measured: pd.DataFrame) -> dict:
                 recall_model=float(caught_model / (caught_model + missed_model)))
 
 
-
-
 def confirmation_order(plan: pd.DataFrame, random_ids: list[int]) -> list[int]:
     """The planned edits: flagged and margin in the guard's order (by score), then the rest in the sample's random
     order, so that an interrupted run leaves a uniform subsample of the rest."""
