@@ -41,26 +41,22 @@ def label_cases(rows: pd.DataFrame, reference: str = "rome") -> pd.DataFrame:
     return out
 
 
-def _z(level: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.ppf((1 + level) / 2))
-
-
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (NaN, NaN for n = 0). Unlike k/n ± z·se it stays in
-    [0, 1] and is not empty at k = 0 or k = n: 0 of 10 gives (0, 0.278), 5 of 10 (0.237, 0.763)."""
+    """Wilson score interval of a proportion k/n (scipy's `binomtest(...).proportion_ci`; NaN, NaN for n = 0).
+    Unlike k/n ± z·se it stays in [0, 1] and is not empty at k = 0 or k = n: 0 of 10 gives (0, 0.278),
+    5 of 10 (0.237, 0.763)."""
+    from scipy.stats import binomtest
+
     if n <= 0:
         return math.nan, math.nan
-    z, p = _z(level), k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def mean_interval(values, level: float = 0.95, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
-    """Student-t interval of the mean of `values` (NaN dropped): mean ± t_{n-1}·s/√n; NaN, NaN below 2
-    values. With `bounds`, clipped to them (a metric's range). [0, 1, 1, 1]: 0.75 ± 3.182·0.25."""
+    """Student-t interval of the mean of `values` (NaN dropped): mean ± t_{n-1}·s/√n, the mean itself where s = 0
+    (scipy's `t.interval` gives NaN there); NaN, NaN below 2 values. With `bounds`, clipped to them (a metric's
+    range). [0, 1, 1, 1]: 0.75 ± 3.182·0.25."""
     from scipy.stats import t
 
     x = np.asarray(values, dtype=float)
