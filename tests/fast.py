@@ -10,5 +10,5 @@ FAST_ROME = dict(v_num_grad_steps=4, v_weight_decay=1e-3)
 # FT-L∞: two fine-tuning steps.
 FAST_FT = dict(num_steps=2)
 # By registry name, for tests that go over every editor (MEND has no steps to cut).
-FAST_BY_EDITOR = {"rome": FAST, "c-rome": FAST, "c-rome-prefix": FAST, "memit": FAST, "alphaedit": FAST,
+FAST_BY_EDITOR = {"rome": FAST, "c-rome": FAST, "c-rome-prefix": FAST, "rome-2k": FAST, "memit": FAST, "alphaedit": FAST,
                   "ft-linf": FAST_FT, "mend": {}}

@@ -21,7 +21,8 @@ keys are read, before v* is optimised and before any perplexity is measured:
 `key_features` reads the keys where the editor says they are (`editor.key_site(lm)`), for many
 requests in one batched pass (`models.keys.context_keys`). `Guarded(editor, guard="refuse" | "warn" |
 "switch")` wraps a key-based editor: a risky request is refused (EditError, model untouched), warned
-about, or edited with the fallback (C-ROME where the editor offers it, or prefixed keys for any editor).
+about, or edited with the fallback (two-key ROME or C-ROME where the editor offers them, or prefixed keys for
+any editor).
 The CounterFact screen and HardCF are in `hardcases.hardcf`; the command line is
 `python -m editcollapse.cli.guard` (docs/guard.md).
 """
@@ -285,8 +286,10 @@ class Guarded(Editor):
 
     - "refuse": refused with an EditError before any weight is written (the model is untouched);
     - "warn": edited anyway, with a CollapseWarning;
-    - "switch": edited by `fallback` instead: "c-rome" (the editor's `c_rome()`, consistent keys; the default
-      where the editor offers it, as ROME does), "prefix" (the request's prompt behind one of the editor's
+    - "switch": edited by `fallback` instead: "rome-2k" (the editor's `two_key()`: k^u and k̄ both map to v*,
+      so that the edit takes at the bare prompt without ROME's tiny divisor; the default where the editor offers
+      it, as ROME does: notebook 06 measures it against C-ROME), "c-rome" (the editor's `c_rome()`, consistent
+      keys), "prefix" (the request's prompt behind one of the editor's
       context templates, which is also the result's test-time prefix; any editor with at least one context
       template), or an Editor.
 
@@ -309,14 +312,14 @@ class Guarded(Editor):
             raise EditError(f"threshold must be a finite number (a score −log uᵀk^u) or None for the model's "
                             f"calibrated one, not {type(threshold).__name__} {threshold!r}")
         threshold = None if threshold is None else float(threshold)
-        offers_c_rome = hasattr(editor, "c_rome")
+        offers = {name: hasattr(editor, method) for name, method in self.FALLBACKS.items()}
         if fallback is None:
-            fallback = "c-rome" if offers_c_rome else "prefix"
-        if isinstance(fallback, str) and fallback not in ("c-rome", "prefix"):
-            raise EditError(f"fallback must be 'c-rome', 'prefix' or an Editor, got {fallback!r}")
-        if fallback == "c-rome" and not offers_c_rome:
-            raise EditError(f"fallback 'c-rome' needs a ROME editor (one with c_rome()), not {editor.name}; "
-                            "use fallback='prefix'")
+            fallback = "rome-2k" if offers["rome-2k"] else "prefix"
+        if isinstance(fallback, str) and fallback not in (*self.FALLBACKS, "prefix"):
+            raise EditError(f"fallback must be 'rome-2k', 'c-rome', 'prefix' or an Editor, got {fallback!r}")
+        if isinstance(fallback, str) and fallback != "prefix" and not offers[fallback]:
+            raise EditError(f"fallback {fallback!r} needs a ROME editor (one with {self.FALLBACKS[fallback]}()), "
+                            f"not {editor.name}; use fallback='prefix'")
         self.editor, self.guard, self.threshold, self.fallback = editor, guard, threshold, fallback
         self.batched, self.carries = editor.batched, editor.carries
 
@@ -332,9 +335,11 @@ class Guarded(Editor):
         """The layers that the editor or its fallback may write (checked for NaN and inf before an edit)."""
         return tuple(sorted({*self.editor.edited_layers(lm), *self._fallback_editor().edited_layers(lm)}))
 
+    FALLBACKS = {"rome-2k": "two_key", "c-rome": "c_rome"}  # a named fallback: the editor's method giving it
+
     def _fallback_editor(self) -> Editor:
-        if self.fallback == "c-rome":
-            return self.editor.c_rome()
+        if isinstance(self.fallback, str) and self.fallback in self.FALLBACKS:
+            return getattr(self.editor, self.FALLBACKS[self.fallback])()
         return self.editor if self.fallback == "prefix" else self.fallback
 
     def apply(self, lm: LoadedModel, requests) -> EditResult:
@@ -358,8 +363,8 @@ class Guarded(Editor):
                     f"{lm.spec.name} (case {worst.case_id}: uᵀk^u {worst.denominator_raw:.3g}, score {score} "
                     f"threshold {threshold:.2f})")
             if self.guard == "refuse":
-                raise EditError(f"{what}; refused, the model is unchanged. Use guard='switch' to edit with C-ROME "
-                                "or a prefix instead")
+                raise EditError(f"{what}; refused, the model is unchanged. Use guard='switch' to edit with "
+                                "two-key ROME, C-ROME or a prefix instead")
             if self.guard == "warn":
                 warnings.warn(what, CollapseWarning, stacklevel=2)
                 action = "warned"

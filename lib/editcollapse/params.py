@@ -198,13 +198,24 @@ def _items_per_task(tasks) -> Check:
     return check
 
 
+def _settings_grid(known) -> Check:
+    def check(value):
+        if (isinstance(value, dict) and value and all(isinstance(k, str) and k for k in value)
+                and all(isinstance(v, dict) and set(v) <= set(known) for v in value.values())):
+            return None
+        return f"must map setting names to mappings of editor settings ({', '.join(sorted(known))})"
+    return check
+
+
 @functools.cache
 def parameter_schema() -> dict[str, Check]:
     """{parameter: its check}, for every parameter of notebooks/0*.ipynb (a notebook's schema is the checks
     of the names its parameters cell declares). Editors, models, tasks and ME-PPL sizes are those that exist."""
     from .data import ME_PPL_FILES
     from .eval.downstream import TASKS
-    from .editors import EDITORS
+    from dataclasses import fields
+
+    from .editors import EDITORS, ROMEHyperParams
     from .models.loading import REGISTRY
 
     models, editors, sizes = list(REGISTRY), list(EDITORS), sorted(ME_PPL_FILES)
@@ -227,6 +238,9 @@ def parameter_schema() -> dict[str, Check]:
         hardcf=_text("auto or the path of a HardCF"), offline_calls=_int_from(0), local_calls=_int_from(0),
         endpoint_calls=_int_from(0), endpoint_timeout=_number_above(0), first_token=_flag_or_null,
         max_subject_tokens=_int_from(1), n_filter=_int_from(0), n_ppl_filter=ppl, hardedit_path=_model_path,
+        n_normal=_int_from(0), n_hard=_int_from(1, null="all"), hardcf_path=_model_path, n_tune=_int_from(0),
+        tune_grid=_settings_grid([f.name for f in fields(ROMEHyperParams)]),
+        sequential_editors=_names(editors, "editor"), n_sequential=_int_from(1, null="every test-half hard case"),
     )
 
 

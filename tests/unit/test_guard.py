@@ -120,21 +120,25 @@ def test_guard_refuses_without_touching_the_model(tiny_models, arch):
         guarded.apply(lm, REQS[2])
     with pytest.raises(EditError, match="guard must be one of"):
         guard.Guarded(ROME(), "ignore")
-    with pytest.raises(EditError, match="needs a ROME editor"):
-        guard.Guarded(MEMIT(), "switch", fallback="c-rome")
+    for fallback in ("c-rome", "rome-2k"):
+        with pytest.raises(EditError, match="needs a ROME editor"):
+            guard.Guarded(MEMIT(), "switch", fallback=fallback)
 
 
 def test_guard_warns_or_switches(tiny_models):
-    """warn: the ROME edit with a CollapseWarning; switch: the C-ROME edit instead (same weights as C-ROME)."""
+    """warn: the ROME edit with a CollapseWarning; switch: the two-key ROME edit instead (same weights as two-key
+    ROME), or C-ROME's with fallback="c-rome"."""
     lm = tiny_models("tiny-llama")
     with pytest.warns(guard.CollapseWarning, match="likely to collapse"):
         with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "warn", threshold=ALWAYS)) as result:
             assert result.diagnostics["guard_action"] == "warned" and result.diagnostics["guard_editor"] == "rome"
-    with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=ALWAYS)) as result:
-        switched = snapshot(lm)
-        assert result.diagnostics["guard_editor"] == "c-rome" and result.diagnostics["guard_action"] == "switched"
-    with edited(lm, REQS[0], ROME(consistent=True, hparams=FAST)):
-        assert identical(lm, switched)
+    for fallback, alone in ((None, ROME(two_keys=True, hparams=FAST)), ("c-rome", ROME(consistent=True, hparams=FAST))):
+        with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=ALWAYS,
+                                               fallback=fallback)) as result:
+            switched = snapshot(lm)
+            assert result.diagnostics["guard_editor"] == alone.name and result.diagnostics["guard_action"] == "switched"
+        with edited(lm, REQS[0], alone):
+            assert identical(lm, switched)
 
 
 def test_a_guarded_editor_reports_the_wrapped_editors_phases(tiny_models):

@@ -235,3 +235,97 @@ def test_stats_of_another_layer_are_refused(tiny_models):
     with pytest.raises(EditError, match="stats are for tiny-llama layer 2"):
         ROME(hparams=dict(FAST_ROME, mom2_adjustment=True), stats=moment).apply(lm, REQ)
     assert identical(lm, before)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mom2", [False, True])
+def test_two_key_update_maps_both_keys_to_v_star_and_leaves_their_C_complement(tiny_models, arch, mom2):
+    """Two-key ROME: W' k^u + b = v* and W' k̄ + b = v*; W' x = W x whenever x is C-orthogonal to both keys
+    (Kᵀ C⁻¹ x = 0, so the change is the least in the C-norm); the Gram matrix KᵀC⁻¹K is reported."""
+    from editcollapse.models.stats import second_moment
+
+    lm = tiny_models(arch)
+    before = snapshot(lm)
+    layer = PRESETS[arch]["layer"]
+    moment = second_moment(lm, layer, n_tokens=2000, use_cache=False) if mom2 else None
+    module = get_module(lm.model, lm.spec.module("mlp_out", layer))
+    bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else 0
+    W0 = mlp_out_weight(lm, layer).clone()
+    editor = ROME(two_keys=True, hparams=dict(FAST_ROME, mom2_adjustment=mom2), stats=moment)
+    with edited(lm, REQ, editor) as result:
+        d = result.diagnostics
+        W1 = mlp_out_weight(lm, layer)
+        for k in (d["k_u"], d["k_bar"]):
+            torch.testing.assert_close(W1 @ k + bias, d["v_star"], rtol=1e-4, atol=1e-4)
+        U = torch.stack([d["k_u"], d["k_bar"]], 1)
+        if mom2:
+            U = torch.stack([moment.inv_apply(U[:, 0]).float(), moment.inv_apply(U[:, 1]).float()], 1)
+        Q, _ = torch.linalg.qr(U.double())
+        x = torch.randn(U.shape[0], dtype=torch.float64)
+        x = (x - Q @ (Q.T @ x)).float()  # Uᵀx = 0
+        torch.testing.assert_close(W1 @ x, W0 @ x, rtol=1e-4, atol=1e-4)
+        gram = torch.stack([d["k_u"], d["k_bar"]], 0) @ U
+        eig = torch.linalg.eigvalsh(((gram + gram.T) / 2).double())
+        assert d["gram_condition"] == pytest.approx((eig[-1] / eig[0]).item(), rel=1e-3)
+        assert "denominator" not in d and result.editor == "rome-2k"
+    assert identical(lm, before)
+
+
+def test_least_change_update_with_one_key_is_rome_rank_one_update():
+    """With K = [k] the least-change update is ROME's (v* − Wk)uᵀ/(uᵀk)."""
+    from editcollapse.editors.rome import least_change_update, rank_one_update
+
+    g = torch.Generator().manual_seed(0)
+    v, Wk, k, u = (torch.randn(5, generator=g), torch.randn(5, generator=g), torch.randn(7, generator=g),
+                   torch.randn(7, generator=g))
+    two, _, gram = least_change_update(v, Wk[None], k[:, None], u[:, None])
+    one, _, denominator = rank_one_update(v, Wk, k, u)
+    torch.testing.assert_close(two, one)
+    assert gram.item() == pytest.approx(denominator.item())
+
+
+def test_two_key_rome_refuses_parallel_keys_and_other_key_options(tiny_models, monkeypatch):
+    """k̄ = k^u (every template's key the bare prompt's) makes the Gram matrix singular: the edit is refused,
+    the model untouched; two_keys with consistent or test_prefix is refused when the editor is built."""
+    from editcollapse.editors import rome
+
+    lm = tiny_models("tiny-llama")
+    before = snapshot(lm)
+    real = rome.edit_keys
+
+    def same_keys(*args):
+        K, V = real(*args)
+        return K[:1].expand_as(K).clone(), V
+
+    monkeypatch.setattr(rome, "edit_keys", same_keys)
+    with pytest.raises(EditError, match="parallel"):
+        ROME(two_keys=True, hparams=FAST_ROME).apply(lm, REQ)
+    assert identical(lm, before)
+    for option in (dict(consistent=True), dict(test_prefix=True)):
+        with pytest.raises(EditError, match="two_keys"):
+            ROME(two_keys=True, **option)
+
+
+def test_first_position_weight_adds_the_scaled_first_position_moment_to_C(tiny_models):
+    """first_position_weight λ: u = (C + λ (tr C / tr F) F)⁻¹ k̄ and the edit stays exact at both keys; without
+    mom2_adjustment it is refused before any weight is written."""
+    from editcollapse.models.stats import first_position_moment, second_moment
+
+    lm = tiny_models("tiny-gpt2")
+    before = snapshot(lm)
+    layer = PRESETS["tiny-gpt2"]["layer"]
+    C = second_moment(lm, layer, n_tokens=2000, use_cache=False)
+    F = first_position_moment(lm, layer)
+    editor = ROME(two_keys=True, stats=C, hparams=dict(FAST_ROME, mom2_adjustment=True, first_position_weight=2.0))
+    with edited(lm, REQ, editor) as result:
+        d = result.diagnostics
+        M = C.C + 2.0 * C.C.trace() / F.C.trace() * F.C
+        torch.testing.assert_close(d["C_inv_k"].double(), torch.linalg.solve(M, d["k_bar"].double()), rtol=1e-3, atol=1e-6)
+        module = get_module(lm.model, lm.spec.module("mlp_out", layer))
+        W1 = mlp_out_weight(lm, layer)
+        for k in (d["k_u"], d["k_bar"]):
+            torch.testing.assert_close(W1 @ k + module.bias.detach().cpu(), d["v_star"], rtol=1e-4, atol=1e-4)
+    assert identical(lm, before)
+    with pytest.raises(EditError, match="needs mom2_adjustment"):
+        ROME(two_keys=True, hparams=dict(FAST_ROME, first_position_weight=1.0)).apply(lm, REQ)
+    assert identical(lm, before)

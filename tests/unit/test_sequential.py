@@ -9,7 +9,7 @@ from editcollapse import data
 from editcollapse.editors import get_editor, live_edits
 from editcollapse.experiments.sequential import (param_change, sequential_run, sequential_runs,
                                                  sequential_store)
-from editcollapse.results.store import DOWNSTREAM_KEY
+from editcollapse.results.store import DOWNSTREAM_KEY, RETENTION_KEY
 from tests.fast import FAST
 from tests.weights import snapshot, identical
 
@@ -81,6 +81,30 @@ def test_an_interrupted_run_resumes_without_repeating_or_losing_a_step(tiny_mode
     # step 2's row was pending when the run stopped: completed from the saved state, metrics included
     assert got.efficacy[got.step > 0].notna().all() and got.drop(columns=timings).equals(want.drop(columns=timings))
     assert identical(lm, before)
+
+
+def test_retention_scores_every_edit_again_under_the_final_weights(tiny_models, tmp_path):
+    """At the last step every case is scored again: the last case's scores are its step row's (same weights); the
+    first case's are those of the final model, which a stack of the same edits reproduces; a rerun adds nothing."""
+    from editcollapse.editors import EditRequest, EditStack
+    from editcollapse.eval import metrics
+
+    lm = tiny_models("tiny-llama")
+    seq = cases(3)
+    store, kept = sequential_store(tmp_path, "seq"), sequential_store(tmp_path, "kept", key=RETENTION_KEY)
+    kwargs = dict(run="x", state_dir=tmp_path / "state", editor_kwargs=dict(hparams=FAST), retention_store=kept)
+    sequential_run(lm, "rome", seq, store, **kwargs)
+    rows, again = store.read().set_index("step"), kept.read().set_index("edited_at").sort_index()
+    assert again.index.tolist() == [1, 2, 3] and set(again.step) == {3} and again.case_id.tolist() == [c["case_id"] for c in seq]
+    for name in ("efficacy", "generalization", "p_new"):
+        assert again.loc[3, name] == pytest.approx(rows.loc[3, name])
+    with EditStack(lm) as stack:
+        editor = get_editor("rome", hparams=FAST)
+        for c in seq:
+            stack.apply(editor, EditRequest.from_case(c))
+        assert again.loc[1, "p_new"] == pytest.approx(metrics.edit_metrics(lm, seq[0])["p_new"], rel=1e-4)
+    sequential_run(lm, "rome", seq, store, **kwargs)
+    assert len(kept.read()) == 3
 
 
 def test_state_of_another_sequence_is_refused(tiny_models, tmp_path):

@@ -208,3 +208,23 @@ def test_C_is_of_the_unedited_model_and_never_served_to_other_weights(tiny_model
     assert other.meta["weights"] != clean.meta["weights"] and stats.cache_path(other.meta) != stats.cache_path(clean.meta)
     assert (other.C - clean.C).norm() / clean.C.norm() > 0.01
     assert torch.equal(stats.second_moment(lm, layer, **kw).C, clean.C)  # the clean model is served its own C
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_first_position_moment_weighs_each_tokens_first_position_key_by_its_corpus_frequency(lm64, name):
+    """F = Σ_t p(t) k(t)k(t)ᵀ with k(t) the key of a text that starts with t (after BOS where the model takes it),
+    computed here one unbatched text at a time; without BOS it is the key at position 0 of any text starting with t."""
+    lm = lm64(name)
+    F = stats.first_position_moment(lm, 1, corpus=CORPUS, batch_size=97)
+    stream = stats._TOKENS[lm.tok][CORPUS]
+    counts = torch.bincount(torch.tensor(stream))
+    bos = [lm.tok.bos_token_id] if lm.spec.prepend_bos else []
+    want = 0
+    for t in counts.nonzero().squeeze(1).tolist():
+        with torch.no_grad(), Trace(lm.model, lm.spec.module("mlp_out", 1), retain_input=True, stop=True) as tr:
+            lm.model(input_ids=torch.tensor([bos + [t] + lm.tok(" and more", add_special_tokens=False)["input_ids"]],
+                                            device=lm.device))
+        k = tr.input[0, len(bos)].double().cpu()
+        want = want + counts[t].item() / counts.sum().item() * torch.outer(k, k)
+    torch.testing.assert_close(F.C, want, rtol=1e-9, atol=1e-12)
+    assert F.meta["count"] == int((counts > 0).sum()) and stats.first_position_moment(lm, 1, corpus=CORPUS) is F

@@ -19,6 +19,7 @@ EDITORS = {
     "rome": lambda **kw: ROME(consistent=False, **kw),
     "c-rome": lambda **kw: ROME(consistent=True, **kw),
     "c-rome-prefix": lambda **kw: ROME(consistent=True, test_prefix=True, **kw),
+    "rome-2k": lambda **kw: ROME(two_keys=True, **kw),
     "ft-linf": FT,
     "mend": MEND,
     "memit": MEMIT,

@@ -13,6 +13,15 @@ when k^u is far from k̄ (a subject that is the first token of the prompt) the d
 (C⁻¹k̄)ᵀk^u is tiny, Δ huge and the model collapses. C-ROME uses k = k̄ everywhere. C-ROME
 with a test-time prefix evaluates the edited model with a random prefix before each prompt,
 so that test keys look like the edit's k̄ again (Sec. 5).
+
+Two-key ROME (`two_keys=True`, beyond the papers) asks for both: (W + Δ) k^u = v* and
+(W + Δ) k̄ = v*. The least change in the C-norm that meets both is rank two,
+
+    Δ = (v* 1ᵀ − W K) (Uᵀ K)⁻¹ Uᵀ,      K = [k^u, k̄],  U = C⁻¹ K  (or K when mom2_adjustment is off)
+
+(`least_change_update`). Its 2×2 Gram matrix UᵀK = KᵀC⁻¹K is well conditioned exactly when k^u and
+k̄ are far apart, the case that breaks ROME, so the divisor (C⁻¹k̄)ᵀk^u never appears; when they
+coincide it is singular and the edit is refused (ROME's rank-one update is then the same edit).
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch.nn.functional as F
 from ..errors import EditError
 from ..models.keys import KeySite, check_template_lengths, context_templates, edit_keys
 from ..models.loading import LoadedModel
-from ..models.stats import model_moments
+from ..models.stats import Moment, first_position_moment, model_moments
 from .base import Editor, EditRequest, EditResult, check_layer, param_delta, setting
 from .vstar import VStarParams, compute_v_star, curve_summary
 
@@ -39,6 +48,9 @@ class ROMEHyperParams(VStarParams):
     # context templates are sampled with this seed (the papers' code draws them unseeded)
     seed: int = setting(int, 0, at_least=0)
     mom2_n_tokens: int | None = setting(int, None, at_least=1, optional=True)  # None: stats.second_moment's default
+    # λ of C + λ (tr C / tr F) F (F: stats.first_position_moment; λ = 1: the first positions weigh as much as all
+    # the corpus's positions together), which spares every text's first position; needs mom2_adjustment
+    first_position_weight: float = setting(float, 0.0, at_least=0)
 
 
 # The papers' settings (their hparams/ROME/*.yaml, from Meng et al.). The local models use the
@@ -59,6 +71,13 @@ PRESETS = {
 }
 
 
+# Two-key ROME's v* settings on top of ROME's preset, chosen on 12 tune-half hard cases of SmolLM2 (notebook 06,
+# docs/safe_edits.md): with ROME's clamp ‖δ‖ ≤ 4‖v_init‖ and 25 steps the v* optimisation stalls on every one of
+# them (bare-prompt efficacy 0 of 12); with 12‖v_init‖ and 50 steps it reaches 0.875 at ME-PPL ×1.17 (×1.26 at most).
+TWO_KEY_V_STAR = dict(clamp_norm_factor=12.0, v_num_grad_steps=50)
+TWO_KEY_PRESETS = {model: dict(preset, **TWO_KEY_V_STAR) for model, preset in PRESETS.items()}
+
+
 def rank_one_update(v_star: torch.Tensor, Wk: torch.Tensor, k: torch.Tensor, u: torch.Tensor):
     """Δ = (v* − W k) uᵀ / (uᵀ k): the least change (in the C-norm when u = C⁻¹k̄) with (W + Δ) k = v*.
 
@@ -69,9 +88,24 @@ def rank_one_update(v_star: torch.Tensor, Wk: torch.Tensor, k: torch.Tensor, u: 
     return torch.outer(residual, u) / denominator, residual, denominator
 
 
+MAX_GRAM_CONDITION = 1e6  # beyond it, float32 cannot solve the 2×2 system (k^u and k̄ nearly parallel)
+
+
+def least_change_update(v_star: torch.Tensor, WK: torch.Tensor, K: torch.Tensor, U: torch.Tensor):
+    """Δ = (v* 1ᵀ − W K)(Uᵀ K)⁻¹ Uᵀ: the least change (in the C-norm when U = C⁻¹K) with (W + Δ) K = v* 1ᵀ.
+
+    K, U: [d_in, n] keys and their C⁻¹ images; WK: [n, d_out] the outputs W k_i. Returns
+    (Δ [d_out, d_in], residuals [d_out, n], Gram matrix UᵀK [n, n]).
+    """
+    residual = v_star[:, None] - WK.T
+    gram = U.T @ K
+    return residual @ torch.linalg.solve(gram, U.T), residual, gram
+
+
 @dataclass
 class ROME(Editor):
-    """ROME (`consistent=False`) or C-ROME (`consistent=True`); `test_prefix=True` adds Sec. 5's prefix.
+    """ROME (`consistent=False`) or C-ROME (`consistent=True`); `test_prefix=True` adds Sec. 5's prefix;
+    `two_keys=True`: two-key ROME (k^u and k̄ both map to v*; see the module docstring).
 
     `hparams` overrides the model's preset (PRESETS), e.g. {"layer": 3}. `stats`: a
     stats.Moment for mom2_adjustment (checked against the model and layer); by default it
@@ -80,14 +114,24 @@ class ROME(Editor):
 
     consistent: bool = False
     test_prefix: bool = False
+    two_keys: bool = False
     fast: bool = True
     hparams: dict = field(default_factory=dict)
     stats: object | None = None
     hyperparams = ROMEHyperParams
     presets = PRESETS
 
+    def __post_init__(self):
+        if self.two_keys and (self.consistent or self.test_prefix):
+            raise EditError("two_keys already constrains both keys; it takes neither consistent nor test_prefix")
+        if self.two_keys:
+            self.presets = TWO_KEY_PRESETS
+        super().__post_init__()
+
     @property
     def name(self) -> str:
+        if self.two_keys:
+            return "rome-2k"
         return ("c-rome" if self.consistent else "rome") + ("-prefix" if self.test_prefix else "")
 
     def apply(self, lm: LoadedModel, requests) -> EditResult:
@@ -101,29 +145,51 @@ class ROME(Editor):
         (request,) = requests
         hp = self.hparams_for(lm)
         check_layer(lm, hp.layer)
+        if hp.first_position_weight and not hp.mom2_adjustment:
+            raise EditError("first_position_weight adds λF to C: it needs mom2_adjustment=True")
         with self.timed("templates"):
             templates = context_templates(lm, hp.context_template_length_params, hp.seed)
         with self.timed("keys"):
             K, V = edit_keys(lm, hp.layer, request.template(), request.subject, templates)
             k_u, k_bar = K[0], K.mean(0)
-            C_inv_k = self.moment(lm, hp).inv_apply(k_bar).float() if hp.mom2_adjustment else k_bar
+            moment = self.moment(lm, hp) if hp.mom2_adjustment else None
+            C_inv_k = moment.inv_apply(k_bar).float() if moment else k_bar
         with self.timed("v_star"):
             v_star, v_init, curve = compute_v_star(lm, request, templates, hp, lm.spec.module("mlp", hp.layer),
                                                    fast=self.fast)
         with self.timed("update"):
-            k, Wk = (k_bar, V.mean(0)) if self.consistent else (k_u, V[0])
-            delta, numerator, denominator = rank_one_update(v_star, Wk, k, C_inv_k)
+            if self.two_keys:
+                delta, numerator, update = self._two_key_update(v_star, K, V, C_inv_k, moment)
+            else:
+                k, Wk = (k_bar, V.mean(0)) if self.consistent else (k_u, V[0])
+                delta, numerator, denominator = rank_one_update(v_star, Wk, k, C_inv_k)
+                # the papers' code reports the denominator with u normalised: (u/‖u‖)ᵀ k
+                update = dict(denominator=(denominator / C_inv_k.norm()).item(), denominator_raw=denominator.item())
             if not torch.isfinite(delta).all():
-                raise EditError(f"non-finite update (denominator {denominator.item():.3g})")
+                raise EditError(f"non-finite update ({', '.join(f'{k} {v:.3g}' for k, v in update.items())})")
             tx.add_(*param_delta(lm, lm.spec.module("mlp_out", hp.layer), delta))
         diagnostics = dict(
             layer=hp.layer, k_u=k_u.cpu(), k_bar=k_bar.cpu(), C_inv_k=C_inv_k.cpu(), v_star=v_star.cpu(),
-            v_init=v_init.cpu(), numerator=numerator.cpu(), numerator_norm=numerator.norm().item(),
-            # the papers' code reports the denominator with u normalised: (u/‖u‖)ᵀ k
-            denominator=(denominator / C_inv_k.norm()).item(), denominator_raw=denominator.item(),
+            v_init=v_init.cpu(), numerator=numerator.cpu(), numerator_norm=numerator.norm().item(), **update,
             k_u_k_bar_cosine=F.cosine_similarity(k_u, k_bar, dim=0).item(),
             loss_curve=curve, **curve_summary(curve), context_templates=templates, hparams=asdict(hp))
         return diagnostics
+
+    @staticmethod
+    def _two_key_update(v_star, K, V, C_inv_k_bar, moment):
+        """Two-key ROME's Δ (`least_change_update` with K = [k^u, k̄]) and its Gram matrix's condition.
+        EditError when the Gram matrix is (nearly) singular: k^u and k̄ (nearly) parallel."""
+        keys = torch.stack([K[0], K.mean(0)], 1)
+        U = torch.stack([moment.inv_apply(K[0]).float() if moment else K[0], C_inv_k_bar], 1)
+        outputs = torch.stack([V[0], V.mean(0)])
+        gram = U.T @ keys
+        eig = torch.linalg.eigvalsh((gram + gram.T).double() / 2)
+        if not eig[0] > MAX_GRAM_CONDITION ** -1 * eig[-1]:
+            raise EditError(f"two-key ROME: k^u and k̄ are (nearly) parallel (Gram matrix eigenvalues "
+                            f"{eig[0].item():.3g}, {eig[-1].item():.3g}); ROME's rank-one update is the same edit")
+        delta, residual, _ = least_change_update(v_star, outputs, keys, U)
+        return delta, residual[:, 0], dict(gram_condition=(eig[-1] / eig[0]).item(),
+                                          gram_min_eigenvalue=eig[0].item())
 
     def key_site(self, lm: LoadedModel) -> KeySite:
         """Where this editor reads its keys: its layer, context templates and C (None: C = I); k̄ for C-ROME."""
@@ -136,6 +202,10 @@ class ROME(Editor):
         """C-ROME with these settings (k̄ in place of k^u, Sec. 5): the guard's fallback for a risky request."""
         return ROME(consistent=True, hparams=dict(self.hparams), stats=self.stats)
 
+    def two_key(self) -> "ROME":
+        """Two-key ROME with these settings (k^u and k̄ both map to v*): the guard's other fallback."""
+        return ROME(two_keys=True, hparams=dict(self.hparams), stats=self.stats)
+
     @staticmethod
     def prefix_for(templates: list[str], request: EditRequest) -> str:
         """A test-time prefix: one of the edit's own context templates (picked by the case id)."""
@@ -143,8 +213,8 @@ class ROME(Editor):
         return prefixes[(request.case_id or 0) % len(prefixes)].replace("{}", "")
 
     def moment(self, lm: LoadedModel, hp: ROMEHyperParams):
-        """C of this model's layer, factored: `self.stats` when given (and it matches), else stats.model_moments.
-        EditError when C is not positive definite."""
+        """C of this model's layer, factored: `self.stats` when given (and it matches), else stats.model_moments;
+        plus λ (tr C / tr F) F (`first_position_moment`) with first_position_weight λ. EditError when C is not positive definite."""
         if self.stats is None:
             m = model_moments(lm, [hp.layer], hp.mom2_n_tokens)[hp.layer]
         else:
@@ -152,6 +222,10 @@ class ROME(Editor):
             if meta.get("model") != lm.spec.name or meta.get("layer") != hp.layer:
                 raise EditError(f"the given stats are for {meta.get('model')} layer {meta.get('layer')}, "
                                 f"not {lm.spec.name} layer {hp.layer}")
+        if hp.first_position_weight:
+            F = first_position_moment(lm, hp.layer)
+            scale = hp.first_position_weight * m.C.trace() / F.C.trace()
+            m = Moment(m.C + scale * F.C, dict(m.meta, first_position_weight=hp.first_position_weight))
         try:
             m.cholesky()
         except ValueError as e:

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,14 +124,17 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
                    experiment: str = "sequential", ppl_size: int = 50, state_dir: str | Path = "results/state",
                    downstream_steps=(), downstream_store: ResultStore | None = None, downstream_kwargs=None,
                    threshold: float = COLLAPSE_THRESHOLD, editor_kwargs: dict | None = None,
-                   checkpoint_steps=(), checkpoint_ppl_size: int = 1000) -> int:
+                   checkpoint_steps=(), checkpoint_ppl_size: int = 1000,
+                   retention_store: ResultStore | None = None) -> int:
     """Edit the model with every case in order (one `editor`, a name or an Editor), one row per step.
 
     Rows are keyed by SEQ_KEY; `run` names the case sequence (e.g. "hard", "normal"). Downstream
     scores (`downstream.evaluate_all(lm, **downstream_kwargs)`) go to `downstream_store` at the
     steps listed in `downstream_steps`. At `checkpoint_steps` the row also holds the perplexity on the
     larger ME-PPL subset `checkpoint_ppl_size` (columns ppl_<size>, ppl_<size>_median; the paper's
-    sequential setting is ME-PPL_1k at every step). A run whose rows are all stored is complete: it
+    sequential setting is ME-PPL_1k at every step). With `retention_store` (keyed by RETENTION_KEY), the
+    last step also scores every case of the run again under the final weights (`metrics.edit_metrics`,
+    one row per case, `edited_at` its step): whether the earlier edits still hold at the end. A run whose rows are all stored is complete: it
     returns at once, without its state file (so runs shipped as rows alone are reused). Returns the
     number of rows written by this call.
     """
@@ -140,21 +143,25 @@ def sequential_run(lm: LoadedModel, editor, cases: list[dict], store: ResultStor
             raise ValueError(f"{what} must be a plain name (letters, digits, '_', '.', '-'; it names the run's state "
                              f"file), not {name!r}")
     editor = get_editor(editor, **(editor_kwargs or {})) if isinstance(editor, str) else editor
-    with store.writing(), (downstream_store.writing() if downstream_store is not None else nullcontext()):
+    with ExitStack() as locks:
+        for s in (store, downstream_store, retention_store):
+            if s is not None:
+                locks.enter_context(s.writing())
         return _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps,
-                    downstream_store, downstream_kwargs, threshold, dict.fromkeys(checkpoint_steps, checkpoint_ppl_size))
+                    downstream_store, downstream_kwargs, threshold, dict.fromkeys(checkpoint_steps, checkpoint_ppl_size),
+                    retention_store)
 
 
 def sequential_runs(lm: LoadedModel, editors, runs: dict[str, list[dict]], store: ResultStore,
                     experiment: str = "sequential", ppl_size: int = 50, state_dir: str | Path = "results/state",
                     downstream_store: ResultStore | None = None, downstream_kwargs=None,
                     downstream_at_start: bool = False, checkpoint_ppl_size: int | None = None,
-                    n_checkpoints: int = 5) -> pd.DataFrame:
+                    n_checkpoints: int = 5, retention_store: ResultStore | None = None) -> pd.DataFrame:
     """The paper's sequential setting (Sec. 4.2): every editor (a name or an Editor) on every run ({name: cases},
     each from the unedited model; an empty run is skipped), through `sequential_run`. Downstream scores go to
     `downstream_store` (where given) at each run's last step, and at step 0 too with `downstream_at_start`;
     with `checkpoint_ppl_size`, ME-PPL_<checkpoint_ppl_size> is measured at `n_checkpoints` evenly spaced
-    steps, the first and the last included. Returns these runs' steps on ME-PPL_<ppl_size> (`sequential_rows`)."""
+    steps, the first and the last included; with `retention_store`, every case is scored again at the end. Returns these runs' steps on ME-PPL_<ppl_size> (`sequential_rows`)."""
     for editor in editors:
         for run, cases in runs.items():
             if not cases:
@@ -165,13 +172,13 @@ def sequential_runs(lm: LoadedModel, editors, runs: dict[str, list[dict]], store
             sequential_run(lm, editor, cases, store, run=run, experiment=experiment, ppl_size=ppl_size,
                            state_dir=state_dir, downstream_store=downstream_store, downstream_kwargs=downstream_kwargs,
                            downstream_steps=(0, n) if downstream_at_start else (n,), checkpoint_steps=checkpoints,
-                           checkpoint_ppl_size=checkpoint_ppl_size or 1000)
+                           checkpoint_ppl_size=checkpoint_ppl_size or 1000, retention_store=retention_store)
     names = [e if isinstance(e, str) else e.name for e in editors]
     return sequential_rows(store, lm.spec.name, names, list(runs), experiment, ppl_size=ppl_size)
 
 
 def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstream_steps, downstream_store,
-         downstream_kwargs, threshold, checkpoints: dict[int, int]) -> int:
+         downstream_kwargs, threshold, checkpoints: dict[int, int], retention_store=None) -> int:
     """sequential_run's body, with the writers' locks held (released when the run ends or fails)."""
     ids = dict(experiment=experiment, run=run, model=lm.spec.name, editor=editor.name)
     done = {k[-1] for k in store.done() if k[:4] == tuple(ids.values())}
@@ -199,6 +206,12 @@ def _run(lm, editor, cases, store, run, experiment, ppl_size, state_dir, downstr
                 r = dict(ids, step=step, **r)
                 if downstream_store.normalize_key([r[k] for k in downstream_store.key]) not in have:
                     downstream_store.append(r)
+        if step == len(cases) and retention_store is not None:
+            have = retention_store.done()
+            for at, c in enumerate(cases, 1):
+                r = dict(ids, step=step, edited_at=at, **_case_columns(c))
+                if retention_store.normalize_key([r[k] for k in retention_store.key]) not in have:
+                    retention_store.append(dict(r, **metrics.edit_metrics(lm, c)))
         ppl = perplexity.me_ppl(lm, ppl_size, progress=False)
         if step in checkpoints:
             size = checkpoints[step]
@@ -257,5 +270,6 @@ def _worst(tensors: dict) -> dict:
 
 
 def sequential_store(results_dir: str | Path, name: str = "sequential", key=SEQ_KEY) -> ResultStore:
-    """The store `<results_dir>/<name>.jsonl` keyed by `key` (SEQ_KEY; DOWNSTREAM_KEY for downstream rows)."""
+    """The store `<results_dir>/<name>.jsonl` keyed by `key` (SEQ_KEY; DOWNSTREAM_KEY for downstream rows,
+    RETENTION_KEY for the retention rows)."""
     return ResultStore(in_repo(results_dir) / f"{name}.jsonl", key=key)

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import load_wikitext
+from .keys import read_keys
 from .live import fingerprint, parameters_through, unedited
 from .loading import LoadedModel
 from .nethook import TraceDict
@@ -272,6 +273,38 @@ def model_moments(lm: LoadedModel, layers, n_tokens: int | None = DEFAULT_N_TOKE
     if todo:
         cache.update({(L, n_tokens): m for L, m in second_moments(lm, todo, n_tokens).items()})
     return {L: cache[L, n_tokens] for L in layers}
+
+
+def first_position_moment(lm: LoadedModel, layer: int, corpus: str = "wikitext", batch_size: int = 1024) -> Moment:
+    """F = Σ_t p(t) k₁(t) k₁(t)ᵀ: the second moment of the key at a text's first content position (0, or 1
+    after BOS) over the tokens t of the vocabulary, each weighted by its frequency p(t) in the corpus.
+
+    The key there is a function of the token alone (the position sees only itself, and BOS), so F is exact over
+    what every text's first position can hold, not sampled. Without BOS these keys share a large common
+    direction with a first-token subject's k^u ("The Fall of ROME", Sec. 4): F is what an update must spare
+    to leave the first position of every other text alone. Of the unedited model (`live.unedited`), kept per live
+    model object as `model_moments` keeps C."""
+    cache = _PER_MODEL.setdefault(lm.model, {})
+    if ("first", layer, corpus) in cache:
+        return cache["first", layer, corpus]
+    tokens = _TOKENS.setdefault(lm.tok, {})
+    if corpus not in tokens:
+        corpus_windows(lm, corpus)
+    counts = torch.bincount(torch.tensor(tokens[corpus]))
+    ids = counts.nonzero().squeeze(1)
+    weights = counts[ids].double() / counts.sum()
+    bos = [lm.tok.bos_token_id] if lm.spec.prepend_bos else []
+    S = None
+    with unedited(lm):
+        for i in range(0, len(ids), batch_size):
+            x = torch.tensor([bos + [int(t)] for t in ids[i:i + batch_size]], device=lm.device)
+            K, _, _ = read_keys(lm, [layer], [len(bos)] * len(x), dict(input_ids=x, attention_mask=torch.ones_like(x)))
+            k = K[layer].double().cpu()
+            part = (k * weights[i:i + batch_size, None]).T @ k
+            S = part if S is None else S + part
+    cache["first", layer, corpus] = Moment((S + S.T) / 2, dict(model=lm.spec.name, layer=layer, corpus=corpus,
+                                                               first_position=True, count=len(ids), d_k=S.shape[0]))
+    return cache["first", layer, corpus]
 
 
 # ---------------------------------------------------------------- studies

@@ -25,12 +25,13 @@ import pandas as pd
 
 from .. import machine
 from ..paths import REPO_ROOT, atomic_write_bytes, atomic_write_text, data_dir, in_repo
-from .store import DOWNSTREAM_KEY, ROW_KEY, SEQ_KEY, ResultStore
+from .store import DOWNSTREAM_KEY, RETENTION_KEY, ROW_KEY, SEQ_KEY, ResultStore
 
 SEQUENTIAL_RUN = ("experiment", "run", "model", "editor")  # the columns that name one sequential run
 STORE_KEYS = {  # the stores that are shipped, with their key columns
     "single_edit": ROW_KEY, "sequential": SEQ_KEY, "sequential_downstream": DOWNSTREAM_KEY,
     "hardedit_sequential": SEQ_KEY, "hardedit_sequential_downstream": DOWNSTREAM_KEY,
+    "sequential_retention": RETENTION_KEY, "safe_edit_sequential": SEQ_KEY, "safe_edit_retention": RETENTION_KEY,
 }
 SECONDS_FILE = "notebook_seconds.json"  # written by the reproduce runner in the results folder
 

@@ -51,10 +51,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 _SCALARS = (str, int, float, bool, type(None))
-# The keys of this project's stores: a single edit, a step of a sequential run, a downstream score at a step.
+# The keys of this project's stores: a single edit, a step of a sequential run, a downstream score at a step,
+# an earlier edit of a sequential run scored again at its end (`edited_at`: the step that applied it).
 ROW_KEY = ("experiment", "model", "editor", "dataset", "case_id")
 SEQ_KEY = ("experiment", "run", "model", "editor", "step")
 DOWNSTREAM_KEY = SEQ_KEY + ("task", "metric")
+RETENTION_KEY = SEQ_KEY + ("edited_at",)
 
 
 class StoreError(ValueError):

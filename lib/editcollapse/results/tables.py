@@ -69,10 +69,10 @@ def mean_interval(values, level: float = 0.95, bounds: tuple[float, float] | Non
 
 
 def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD, by=("editor", "dataset"),
-                      level: float = 0.95) -> pd.DataFrame:
+                      level: float = 0.95, metrics=HEADLINE) -> pd.DataFrame:
     """Per (editor, dataset) (or the columns `by`, e.g. ("editor", "sample")): edits, refused, collapsed,
     collapse_rate with its Wilson interval (`collapse_rate_lo`, `collapse_rate_hi`; `wilson_interval`), ppl
-    (max, median), the headline metrics (mean over successful edits) each with a Student-t interval over the
+    (max, median), the headline metrics (or `metrics`; mean over successful edits) each with a Student-t interval over the
     edits, clipped to [0, 1], the metrics' range (`<metric>_lo`, `<metric>_hi`; `mean_interval`), and the
     median relative parameter change ‖ΔW‖/‖W‖. Intervals are at `level` (95 %).
 
@@ -84,7 +84,7 @@ def single_edit_table(rows: pd.DataFrame, threshold: float = COLLAPSE_THRESHOLD,
     rows = rows[~seen]
     ok = rows[rows.error.isna()] if "error" in rows else rows
     refused = (rows.groupby(by).error.apply(lambda e: int(e.notna().sum())) if "error" in rows else 0)
-    metrics = [m for m in HEADLINE if m in ok]
+    metrics = [m for m in metrics if m in ok]
     table = ok.groupby(by).agg(
         edits=("case_id", "size"), collapsed=("ppl", lambda p: int(is_collapsed(p, threshold).sum())),
         max_ppl=("ppl", "max"), median_ppl=("ppl", "median"),
