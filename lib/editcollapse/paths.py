@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,16 +45,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes]) -> Path:
     """Write `data` to `path` whole or not at all: a temporary file in the same folder, fsynced, then
-    os.replace. Readers see the old file or the new one, never a part; the folder is created."""
+    os.replace. Readers see the old file or the new one, never a part; the folder is created. `data` may
+    be an iterable of blocks (a large file streamed): an exception it raises leaves the old file too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open(path, "w")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for block in [data] if isinstance(data, bytes) else data:
+                f.write(block)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -329,3 +329,20 @@ def test_first_position_weight_adds_the_scaled_first_position_moment_to_C(tiny_m
     with pytest.raises(EditError, match="needs mom2_adjustment"):
         ROME(two_keys=True, hparams=dict(FAST_ROME, first_position_weight=1.0)).apply(lm, REQ)
     assert identical(lm, before)
+
+
+def test_separate_values_map_each_key_to_its_own_v_star(tiny_models):
+    """separate_values: W' k^u + b = v*_u (optimised on the bare prompt) and W' k̄ + b = v̄* (on the templates), two
+    different vectors; refused without two_keys."""
+    lm = tiny_models("tiny-gpt2")
+    layer = PRESETS["tiny-gpt2"]["layer"]
+    module = get_module(lm.model, lm.spec.module("mlp_out", layer))
+    with edited(lm, REQ, ROME(two_keys=True, hparams=dict(FAST_ROME, separate_values=True))) as result:
+        d = result.diagnostics
+        W1 = mlp_out_weight(lm, layer)
+        out_u, out_bar = (W1 @ k + module.bias.detach().cpu() for k in (d["k_u"], d["k_bar"]))
+        torch.testing.assert_close(out_u, d["v_star"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out_bar, d["v_star_bar"], rtol=1e-4, atol=1e-4)
+        assert (d["v_star_bar"] - d["v_star"]).norm() > 1e-3 * d["v_star"].norm()
+    with pytest.raises(EditError, match="needs two_keys"):
+        ROME(hparams=dict(FAST_ROME, separate_values=True)).apply(lm, REQ)

@@ -56,6 +56,9 @@ PRESETS = {
                          mom2_n_tokens=100_000),
     "gemma3-270m": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0, layers=(3,),
                         mom2_n_tokens=100_000),
+    # uncalibrated: MEMIT's z* settings and layers for it, the paper's null space (2e-2) and L2
+    "qwen2.5-1.5b": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
+                         layers=(3, 4, 5, 6, 7), mom2_n_tokens=100_000),
     # random tiny models have small keys: this threshold leaves about half of C's eigenvectors in the null space
     "tiny-gpt2": dict(_GPT, layers=(0, 1), mom2_n_tokens=3000, nullspace_threshold=1e-4, L2=1.0),
     "tiny-gptj": dict(_GPT, layers=(0, 1), mom2_n_tokens=3000, nullspace_threshold=1e-4, L2=1.0),

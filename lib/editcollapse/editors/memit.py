@@ -72,6 +72,10 @@ PRESETS = {
     # the least bad of those tried; MEMIT edits Gemma-3 poorly in every setting (docs/memit_calibration.md)
     "gemma3-270m": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
                         layers=(3,), mom2_update_weight=2700, mom2_n_tokens=100_000),
+    # uncalibrated: the Llama-2 settings with Llama-2's layers 4–8 of 32 (relative depth 0.125–0.25, 3.5–7 of 28)
+    # as the five layers 3–7 of 28, and λ scaled to d_k = 8960 at SmolLM2's calibrated λ/d_k = 2000/1536
+    "qwen2.5-1.5b": dict(_GPT, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4.0,
+                         layers=(3, 4, 5, 6, 7), mom2_update_weight=11_700, mom2_n_tokens=100_000),
     "tiny-gpt2": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
     "tiny-gptj": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
     "tiny-llama": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),

@@ -51,6 +51,8 @@ class ROMEHyperParams(VStarParams):
     # λ of C + λ (tr C / tr F) F (F: stats.first_position_moment; λ = 1: the first positions weigh as much as all
     # the corpus's positions together), which spares every text's first position; needs mom2_adjustment
     first_position_weight: float = setting(float, 0.0, at_least=0)
+    # two-key ROME: k^u → v*_u optimised on the bare prompt alone, k̄ → v̄* on the context templates alone
+    separate_values: bool = setting(bool, False)
 
 
 # The papers' settings (their hparams/ROME/*.yaml, from Meng et al.). The local models use the
@@ -64,6 +66,9 @@ PRESETS = {
     "llama2-7b": dict(_LLAMA2, layer=5),
     "smollm2-135m": dict(_LLAMA2, layer=5),
     "gemma3-270m": dict(_LLAMA2, layer=3),
+    # layer 5 of 28: Llama-2's 5 of 32 and SmolLM2's 5 of 30 scale to 4.4 and 4.7 of 28, and 5 of 28 is the
+    # papers' own layer for GPT-J-6B (28 layers). Not tuned on this model.
+    "qwen2.5-1.5b": dict(_LLAMA2, layer=5),
     "tiny-gpt2": dict(_GPT, layer=1),
     "tiny-gptj": dict(_GPT, layer=1),
     "tiny-llama": dict(_LLAMA2, layer=1),
@@ -92,12 +97,13 @@ MAX_GRAM_CONDITION = 1e6  # beyond it, float32 cannot solve the 2×2 system (k^u
 
 
 def least_change_update(v_star: torch.Tensor, WK: torch.Tensor, K: torch.Tensor, U: torch.Tensor):
-    """Δ = (v* 1ᵀ − W K)(Uᵀ K)⁻¹ Uᵀ: the least change (in the C-norm when U = C⁻¹K) with (W + Δ) K = v* 1ᵀ.
+    """Δ = (v* 1ᵀ − W K)(Uᵀ K)⁻¹ Uᵀ: the least change (in the C-norm when U = C⁻¹K) with (W + Δ) K = v* 1ᵀ
+    (or = V* for a matrix `v_star` [d_out, n] of one target per key).
 
     K, U: [d_in, n] keys and their C⁻¹ images; WK: [n, d_out] the outputs W k_i. Returns
     (Δ [d_out, d_in], residuals [d_out, n], Gram matrix UᵀK [n, n]).
     """
-    residual = v_star[:, None] - WK.T
+    residual = (v_star[:, None] if v_star.dim() == 1 else v_star) - WK.T
     gram = U.T @ K
     return residual @ torch.linalg.solve(gram, U.T), residual, gram
 
@@ -154,12 +160,19 @@ class ROME(Editor):
             k_u, k_bar = K[0], K.mean(0)
             moment = self.moment(lm, hp) if hp.mom2_adjustment else None
             C_inv_k = moment.inv_apply(k_bar).float() if moment else k_bar
+        if hp.separate_values and not self.two_keys:
+            raise EditError("separate_values gives each of two-key ROME's keys its own v*: it needs two_keys=True")
         with self.timed("v_star"):
-            v_star, v_init, curve = compute_v_star(lm, request, templates, hp, lm.spec.module("mlp", hp.layer),
-                                                   fast=self.fast)
+            mlp = lm.spec.module("mlp", hp.layer)
+            v_star, v_init, curve = compute_v_star(lm, request, templates[:1] if hp.separate_values else templates,
+                                                   hp, mlp, fast=self.fast)
+            targets = v_star
+            if hp.separate_values:
+                v_bar, _, _ = compute_v_star(lm, request, templates[1:], hp, mlp, fast=self.fast)
+                targets = torch.stack([v_star, v_bar], 1)
         with self.timed("update"):
             if self.two_keys:
-                delta, numerator, update = self._two_key_update(v_star, K, V, C_inv_k, moment)
+                delta, numerator, update = self._two_key_update(targets, K, V, C_inv_k, moment)
             else:
                 k, Wk = (k_bar, V.mean(0)) if self.consistent else (k_u, V[0])
                 delta, numerator, denominator = rank_one_update(v_star, Wk, k, C_inv_k)
@@ -173,6 +186,8 @@ class ROME(Editor):
             v_init=v_init.cpu(), numerator=numerator.cpu(), numerator_norm=numerator.norm().item(), **update,
             k_u_k_bar_cosine=F.cosine_similarity(k_u, k_bar, dim=0).item(),
             loss_curve=curve, **curve_summary(curve), context_templates=templates, hparams=asdict(hp))
+        if hp.separate_values:
+            diagnostics["v_star_bar"] = targets[:, 1].cpu()
         return diagnostics
 
     @staticmethod

@@ -229,9 +229,9 @@ def _layers_below(lm: LoadedModel, module: str) -> int:
 
 def _adds_to_layer_output(lm: LoadedModel, module: str) -> int | None:
     """i where δ at `module`'s output is δ at the output of layer i: `module` is the MLP of layer i and
-    the block adds the MLP's output to the residual stream as it is (GPT-2, GPT-J, Llama; not Gemma-3,
+    the block adds the MLP's output to the residual stream as it is (GPT-2, GPT-J, Llama, Qwen2; not Gemma-3,
     which normalises it first). Then layer i does not depend on δ either, only the sum does."""
-    if lm.spec.arch not in ("gpt2", "gptj", "llama"):
+    if lm.spec.arch not in ("gpt2", "gptj", "llama", "qwen2"):
         return None
     return next((i for i in range(lm.n_layers) if module == lm.spec.module("mlp", i)), None)
 

