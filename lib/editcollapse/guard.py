@@ -21,7 +21,7 @@ keys are read, before v* is optimised and before any perplexity is measured:
 `key_features` reads the keys where the editor says they are (`editor.key_site(lm)`), for many
 requests in one batched pass (`models.keys.context_keys`). `Guarded(editor, guard="refuse" | "warn" |
 "switch")` wraps a key-based editor: a risky request is refused (EditError, model untouched), warned
-about, or edited with the fallback (two-key ROME or C-ROME where the editor offers them, or prefixed keys for
+about, or edited with the fallback (C-ROME or two-key ROME where the editor offers them, or prefixed keys for
 any editor).
 The CounterFact screen and HardCF are in `hardcases.hardcf`; the command line is
 `python -m editcollapse.cli.guard` (docs/guard.md).
@@ -286,10 +286,10 @@ class Guarded(Editor):
 
     - "refuse": refused with an EditError before any weight is written (the model is untouched);
     - "warn": edited anyway, with a CollapseWarning;
-    - "switch": edited by `fallback` instead: "rome-2k" (the editor's `two_key()`: k^u and k̄ both map to v*,
-      so that the edit takes at the bare prompt without ROME's tiny divisor; the default where the editor offers
-      it, as ROME does: notebook 06 measures it against C-ROME), "c-rome" (the editor's `c_rome()`, consistent
-      keys), "prefix" (the request's prompt behind one of the editor's
+    - "switch": edited by `fallback` instead: "c-rome" (the editor's `c_rome()`, consistent keys; the default
+      where the editor offers it, as ROME does), "rome-2k" (the editor's `two_key()`: k^u and k̄ both map to v*,
+      so that the edit can take at the bare prompt without ROME's tiny divisor; notebook 06 measures it against
+      C-ROME), "prefix" (the request's prompt behind one of the editor's
       context templates, which is also the result's test-time prefix; any editor with at least one context
       template), or an Editor.
 
@@ -314,7 +314,7 @@ class Guarded(Editor):
         threshold = None if threshold is None else float(threshold)
         offers = {name: hasattr(editor, method) for name, method in self.FALLBACKS.items()}
         if fallback is None:
-            fallback = "rome-2k" if offers["rome-2k"] else "prefix"
+            fallback = "c-rome" if offers["c-rome"] else "prefix"
         if isinstance(fallback, str) and fallback not in (*self.FALLBACKS, "prefix"):
             raise EditError(f"fallback must be 'rome-2k', 'c-rome', 'prefix' or an Editor, got {fallback!r}")
         if isinstance(fallback, str) and fallback != "prefix" and not offers[fallback]:
@@ -364,7 +364,7 @@ class Guarded(Editor):
                     f"threshold {threshold:.2f})")
             if self.guard == "refuse":
                 raise EditError(f"{what}; refused, the model is unchanged. Use guard='switch' to edit with "
-                                "two-key ROME, C-ROME or a prefix instead")
+                                "C-ROME, two-key ROME or a prefix instead")
             if self.guard == "warn":
                 warnings.warn(what, CollapseWarning, stacklevel=2)
                 action = "warned"

@@ -98,3 +98,18 @@ def test_the_readme_long_profile_findings_are_the_shipped_rows():
     assert f"| **{versus[('sequential_ppl_end', 'rome', 'normal')]:,.0f}** (85 edits" in section
     assert f"| {versus[('sequential_ppl_end', 'unedited', '')]:,.0f} |" in section
 
+
+
+def test_the_readme_safe_edit_findings_are_the_shipped_rows():
+    """The README's table of two-key ROME on the test half states what notebook 06's library computes from the
+    shipped single-edit rows (the unedited ME-PPL from the rows' own ppl / ppl_ratio)."""
+    from editcollapse.analysis import safe_edit
+
+    readme = (paths.REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Safe hard edits"):readme.index("### Figures")]
+    test = safe_edit.half(safe_edit.study_samples("smollm2-135m", 50))
+    rows = safe_edit.study_rows(shipped.load("local", "single_edit"), "smollm2-135m", ["rome-2k"], test)
+    original = float((rows.ppl / rows.ppl_ratio).median())
+    table = safe_edit.single_table(rows, original)
+    lines = safe_edit.readme_rows(table, "rome-2k", {"hardcf": "HardCF", "hardedit": "HardEdit", "normal": "normal"})
+    assert lines and all(line in section for line in lines)

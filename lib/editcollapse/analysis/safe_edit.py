@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import data
-from ..experiments.single import edit_samples, sample_rows, single_edit_sweep
+from ..experiments.single import sample_rows, single_edit_sweep
 from ..hardcases.hardedit import load_hardedit
 from ..models.loading import LoadedModel
 from ..paths import in_repo
@@ -42,22 +42,22 @@ def split_of(case_id, seed: int = 0) -> str:
     return "tune" if digest[0] % 2 == 0 else "test"
 
 
-def study_samples(lm: LoadedModel, n_normal: int, n_hard: int | None = None, seed: int = 0,
+def study_samples(model: str, n_normal: int, n_hard: int | None = None, seed: int = 0,
                   hardcf_path="data/hardcf/{model}.json",
                   hardedit_path="data/hardedit/hardedit_{model}.json") -> dict[str, list[dict]]:
-    """{"hardcf": the CounterFact cases of this model's HardCF, "hardedit": its HardEdit cases, "normal": `n_normal`
+    """{"hardcf": the CounterFact cases of `model`'s HardCF, "hardedit": its HardEdit cases, "normal": `n_normal`
     random CounterFact cases (notebook 02's random sample)}: the first `n_hard` of each hard set by case_id (None:
     all); the paths take {model}; a hard set whose file is missing is left out."""
     out = {}
-    path = in_repo(hardcf_path.format(model=lm.spec.name))
+    path = in_repo(hardcf_path.format(model=model))
     if path.exists():
         by_id = {c["case_id"]: c for c in data.load_counterfact()}
         ids = sorted(int(c["case_id"]) for c in json.loads(path.read_text()))
         out["hardcf"] = [by_id[i] for i in ids[:n_hard]]
-    path = in_repo(hardedit_path.format(model=lm.spec.name))
+    path = in_repo(hardedit_path.format(model=model))
     if path.exists():
         out["hardedit"] = sorted(load_hardedit(path), key=lambda c: c["case_id"])[:n_hard]
-    out["normal"] = edit_samples(lm, n_normal, seed=seed).get("random", [])
+    out["normal"] = data.load_cases("counterfact", n_normal, seed) if n_normal else []
     return {name: cases for name, cases in out.items() if cases}
 
 
@@ -156,6 +156,22 @@ def single_table(rows: pd.DataFrame, ppl_original: float, split: str | None = "t
     spans = [wilson_interval(k, n) for k, n in zip(within["sum"].fillna(0), within["size"].fillna(0))]
     table["within_ppl_lo"], table["within_ppl_hi"] = [s[0] for s in spans], [s[1] for s in spans]
     return table
+
+
+def readme_rows(single: pd.DataFrame, editor: str, labels: dict[str, str]) -> list[str]:
+    """The README's table rows of `editor` from `single_table`: per sample (`labels`: {sample: label}) n, collapsed,
+    bare-prompt efficacy with its 95 % interval, edits within SINGLE_PPL_RATIO× ME-PPL, the largest ratio,
+    generalisation and locality (token accuracies)."""
+    out = []
+    for sample, label in labels.items():
+        if (editor, sample) not in single.index:
+            continue
+        r = single.loc[(editor, sample)]
+        within = int(round(r.within_ppl * r.edits))
+        out.append(f"| {label} | {int(r.edits)} | {int(r.collapsed)} | {r.efficacy_acc:.2f} ({r.efficacy_acc_lo:.2f}–"
+                   f"{r.efficacy_acc_hi:.2f}) | {within} of {int(r.edits)} | {r.max_ppl_ratio:.2f}× | "
+                   f"{r.generalization_acc:.2f} | {r.locality_acc:.2f} |")
+    return out
 
 
 def sequential_table(steps: pd.DataFrame, retention: pd.DataFrame, ppl_original: float) -> pd.DataFrame:
