@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from editcollapse.editors import ROME, EditRequest, edited
 from editcollapse.editors.rome import PRESETS
-from editcollapse.editors.vstar import _adds_to_layer_output, compute_v_star
-from editcollapse.models.keys import context_templates
+from editcollapse.editors.vstar import _adds_to_layer_output
 from editcollapse.models.loading import LoadedModel, get_spec, tiny_tokenizer
 from editcollapse.models.nethook import get_module
 from tests.device import DEVICE
 from tests.fast import FAST_ROME
+from tests.unit.test_rome import assert_cached_v_star_equals_full
 from tests.weights import identical, snapshot
 
 REQ = EditRequest("Twitter was acquired by", "Twitter", "Microsoft", "Elon Musk")
@@ -51,15 +51,7 @@ def test_llama_module_names_resolve(lm):
 @pytest.mark.parametrize("kind", ["mlp", "layer"])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_cached_v_star_equals_full_forward(lm, kind, layer):
-    hp = ROME(hparams=HPARAMS).hparams_for(lm)
-    module = lm.spec.module(kind, layer)
-    templates = context_templates(lm, hp.context_template_length_params, hp.seed)
-    fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, module, fast=True)
-    full, v0_full, curve_full = compute_v_star(lm, REQ, templates, hp, module, fast=False)
-    torch.testing.assert_close(v0_fast, v0_full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
-    assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
-    assert len(curve_fast) == FAST_ROME["v_num_grad_steps"]
+    assert_cached_v_star_equals_full(lm, HPARAMS, kind, layer)
 
 
 def test_rome_update_solves_its_equation_and_undoes_exactly(lm):

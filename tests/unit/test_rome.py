@@ -35,8 +35,12 @@ def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
     """The cached optimisation (prefix cache, layers below `module` skipped) follows the papers' full forward,
     for v* at an MLP's output (ROME) and at a whole layer's output (MEMIT); layer 0 skips nothing below an MLP.
     (Not the last layer's output: there δ reaches no target position, its gradient is rounding noise.)"""
-    lm = tiny_models(arch)
-    hp = ROME(hparams=FAST_ROME).hparams_for(lm)
+    assert_cached_v_star_equals_full(tiny_models(arch), FAST_ROME, kind, layer)
+
+
+def assert_cached_v_star_equals_full(lm, hparams: dict, kind: str, layer: int) -> None:
+    """v*, v_init and the loss curve of the cached optimisation equal the full forward's at `kind` of `layer`."""
+    hp = ROME(hparams=hparams).hparams_for(lm)
     module = lm.spec.module(kind, layer)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     fast, v0_fast, curve_fast = compute_v_star(lm, REQ, templates, hp, module, fast=True)
@@ -44,7 +48,7 @@ def test_cached_v_star_equals_full_forward(tiny_models, arch, kind, layer):
     torch.testing.assert_close(v0_fast, v0_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
     assert [round(c["loss"], 4) for c in curve_fast] == [round(c["loss"], 4) for c in curve_full]
-    assert len(curve_fast) == FAST_ROME["v_num_grad_steps"]  # every step ran (no early stop), so the cache was reused
+    assert len(curve_fast) == hp.v_num_grad_steps  # every step ran (no early stop), so the cache was reused
 
 
 @pytest.mark.skipif(not vstar._packing_available(), reason="this torch build has no oneDNN weight packing")
