@@ -11,4 +11,5 @@ FAST_ROME = dict(v_num_grad_steps=4, v_weight_decay=1e-3)
 FAST_FT = dict(num_steps=2)
 # By registry name, for tests that go over every editor (MEND has no steps to cut).
 FAST_BY_EDITOR = {"rome": FAST, "c-rome": FAST, "c-rome-prefix": FAST, "rome-2k": FAST, "memit": FAST, "alphaedit": FAST,
+                  "memit-2k": FAST, "alphaedit-2k": FAST,
                   "ft-linf": FAST_FT, "mend": {}}

@@ -239,7 +239,7 @@ def parameter_schema() -> dict[str, Check]:
         endpoint_calls=_int_from(0), endpoint_timeout=_number_above(0), first_token=_flag_or_null,
         max_subject_tokens=_int_from(1), n_filter=_int_from(0), n_ppl_filter=ppl, hardedit_path=_model_path,
         n_normal=_int_from(0), n_hard=_int_from(1, null="all"), hardcf_path=_model_path, n_tune=_int_from(0),
-        tune_grid=_settings_grid([f.name for f in fields(ROMEHyperParams)]),
+        tune_grid=_settings_grid([f.name for f in fields(ROMEHyperParams)]), tune_editors=_names(editors, "editor"),
         sequential_editors=_names(editors, "editor"), n_sequential=_int_from(1, null="every test-half hard case"),
     )
 

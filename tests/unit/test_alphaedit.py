@@ -25,15 +25,19 @@ def projection(lm, layer, hp):
     return U[:, small] @ U[:, small].T, U[:, ~small]
 
 
+@pytest.mark.parametrize("bare_key", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_update_leaves_the_preserved_keys_outputs_unchanged(tiny_models, arch):
+def test_update_leaves_the_preserved_keys_outputs_unchanged(tiny_models, arch, bare_key):
     """ΔW k₀ = 0 for every k₀ spanned by C's eigenvectors above the threshold (the preserved knowledge),
-    and ΔW solves its defining equation ΔW (K₁K₁ᵀP + L2·I) = R K₁ᵀ P."""
+    and ΔW solves its defining equation ΔW (K₁K₁ᵀP + L2·I) = R K₁ᵀ P; with `bare_key` ("alphaedit-2k")
+    K₁ holds each fact's bare-prompt key too, and those are kept as preserved keys."""
     lm = tiny_models(arch)
-    ed = AlphaEdit(hparams=FAST_MEMIT)
+    ed = AlphaEdit(bare_key=bare_key, hparams=FAST_MEMIT)
     hp = ed.hparams_for(lm)
     with edited(lm, REQS[:2], ed) as result:
         d = result.diagnostics
+        assert result.editor == ed.name == ("alphaedit-2k" if bare_key else "alphaedit")
+        assert all(len(k) == (4 if bare_key else 2) for k in d["preserved_keys"].values())
         for layer, row in zip(hp.layers, d["layer_diagnostics"]):
             P, K0 = projection(lm, layer, hp)
             assert 0 < K0.shape[1] < P.shape[0]  # a proper null space: the test is not vacuous

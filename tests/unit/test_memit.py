@@ -141,6 +141,39 @@ def test_a_batch_writes_each_fact_at_its_own_key(tiny_models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_bare_key_writes_the_residual_at_the_bare_prompts_key_too(tiny_models, arch):
+    """memit-2k: K = [the template mean; the bare prompt's key], both rows asking for R_l. With λ → 0,
+    ΔW k^u = ΔW k̄ = R_l at every layer, where MEMIT alone leaves ΔW k^u off R_l (unless k^u = k̄: GPT-J's
+    first MLP reads the token embedding alone, its attention running beside it)."""
+    lm = tiny_models(arch)
+    request = REQS[0]
+    hp = MEMIT(hparams=FAST_MEMIT).hparams_for(lm)
+    templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+    misses = []
+    for bare_key in (True, False):
+        ed = MEMIT(bare_key=bare_key, hparams=dict(FAST_MEMIT, mom2_update_weight=1e-7))
+        assert ed.name == ("memit-2k" if bare_key else "memit")
+        with edited(lm, [request], ed) as result:
+            d = result.diagnostics
+            for layer in d["layers"]:
+                K, R, dW = d["keys"][layer], d["residuals"][layer], delta(lm, result, layer)
+                assert len(K) == (2 if bare_key else 1)
+                written = K @ dW.T
+                torch.testing.assert_close(written, R, rtol=1e-3, atol=1e-3 * R.abs().max().item())
+                if layer == d["layers"][0]:  # the keys are read before any update: K_u is the bare prompt's own
+                    k_u = edit_keys(lm, layer, request.template(), request.subject, templates)[0][0].double().cpu()
+                    if bare_key:
+                        torch.testing.assert_close(K[1], k_u, rtol=1e-5, atol=1e-6)
+                        if arch != "tiny-gemma3":  # (behind Gemma-3's post-MLP norm each key's R is mapped on its own)
+                            torch.testing.assert_close(R[1], R[0])
+                        r_u = R[1]  # what k^u must write (z* and z are the same in both runs)
+                    misses.append(((dW @ k_u) - r_u).norm() / r_u.norm())
+                    apart = (k_u - K[0]).norm() > 1e-3 * k_u.norm()
+    assert misses[0] < 1e-4 and (misses[1] > 100 * misses[0] or not apart)
+    assert apart or arch == "tiny-gptj"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cached_z_star_equals_the_papers_full_forward(tiny_models, arch):
     lm = tiny_models(arch)
     with edited(lm, REQS[0], MEMIT(hparams=FAST_MEMIT)) as fast:

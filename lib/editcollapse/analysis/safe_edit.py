@@ -95,6 +95,12 @@ def locality_by_first_position(lm: LoadedModel, rows: pd.DataFrame, samples: dic
     return hard.groupby(["editor", "shares_first_position"]).locality_acc.agg(["mean", "size"]).unstack()
 
 
+def tuning_table(tuned: pd.DataFrame) -> pd.DataFrame:
+    """Mean and max per setting (`tune`'s rows) of the scores that decide a tuning, ME-PPL ratio and ‖Δ‖ among them."""
+    columns = ["efficacy_acc", "generalization_acc", "locality_acc", "ppl_ratio", "delta_norm"]
+    return tuned.groupby("setting")[[c for c in columns if c in tuned]].agg(["mean", "max"])
+
+
 def with_split(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """`rows` with a `split` column ("tune" or "test", `split_of` the case id)."""
     return rows.assign(split=[split_of(c, seed) for c in rows.case_id])

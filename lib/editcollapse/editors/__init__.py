@@ -23,7 +23,9 @@ EDITORS = {
     "ft-linf": FT,
     "mend": MEND,
     "memit": MEMIT,
+    "memit-2k": lambda **kw: MEMIT(bare_key=True, **kw),
     "alphaedit": AlphaEdit,
+    "alphaedit-2k": lambda **kw: AlphaEdit(bare_key=True, **kw),
 }
 
 

@@ -104,7 +104,7 @@ class AlphaEdit(MEMIT):
     """AlphaEdit; `hparams` overrides the model's preset (PRESETS). Sequential edits through an
     EditStack (or plain applies) see the keys of the earlier live AlphaEdit edits as K_p."""
 
-    name = "alphaedit"
+    family = "alphaedit"
     carries = ("preserved_keys",)
     hyperparams = AlphaEditHyperParams
     presets = PRESETS

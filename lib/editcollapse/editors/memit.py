@@ -18,6 +18,11 @@ before adding it to the residual; there R_l is first mapped back through that no
 G = C⁻¹K (cached Cholesky factor of C) the update is ΔW_l = R_l (λI + KᵀG)⁻¹ Gᵀ, the same
 matrix through an n×n system instead of a d_k×d_k one.
 
+`bare_key=True` ("memit-2k", an extension of ours after two-key ROME: docs/safe_edits.md) puts
+each fact's bare-prompt key k^u in K beside its template mean, both rows asking for the same R_l:
+the update then meets the prompt as typed, whose key, for a subject at the first position of a
+model with no BOS, lies far from the template mean.
+
 Diagnostics, per layer: ‖R_l‖, the fraction of R_l that ΔW_l writes at the keys
 (⟨ΔW k, r⟩/‖r‖², = s/(λ+s) for one fact with s = kᵀC⁻¹k), the fraction of the target residual
 z* − z₀ that the layer realises at R[-1], and ‖ΔW_l‖; in all, `realised_fraction`.
@@ -110,15 +115,21 @@ def memit_update(K: torch.Tensor, resid: torch.Tensor, m: Moment, lam: float) ->
 class MEMIT(Editor):
     """MEMIT; `hparams` overrides the model's preset (PRESETS), e.g. {"layers": [3, 4, 5]}.
 
-    `fast=False` computes z* the papers' way (vstar's full forward at every step).
+    `fast=False` computes z* the papers' way (vstar's full forward at every step). `bare_key=True`
+    adds each fact's bare-prompt key to K (see the module docstring).
     """
 
     fast: bool = True
+    bare_key: bool = False
     hparams: dict = field(default_factory=dict)
-    name = "memit"
+    family = "memit"
     batched = True
     hyperparams = MEMITHyperParams
     presets = PRESETS
+
+    @property
+    def name(self) -> str:
+        return self.family + ("-2k" if self.bare_key else "")
 
     def _edit(self, lm: LoadedModel, requests: tuple[EditRequest, ...], tx):
         hp = self.hparams_for(lm)
@@ -160,11 +171,12 @@ class MEMIT(Editor):
         per_layer, zs, keys, residuals = [], [], {}, {}
         for i, layer in enumerate(hp.layers):
             with self.timed("keys"):
-                K, z = fact_keys(lm, [layer], hp.layers[-1], texts, idxs, weights)
+                K, z = fact_keys(lm, [layer], hp.layers[-1], texts, idxs, weights, self.bare_key)
             zs.append(z)
             if i == 0:
                 target = z_star - z
-            resid = through_post_norm(lm, layer, K[layer], (z_star - z) / (len(hp.layers) - i))
+            share = ((z_star - z) / (len(hp.layers) - i)).repeat(len(K[layer]) // len(z), 1)
+            resid = through_post_norm(lm, layer, K[layer], share)
             keys[layer], residuals[layer] = K[layer], resid
             with self.timed("update"):
                 delta = self.layer_update(lm, hp, layer, K[layer], resid)
@@ -175,7 +187,7 @@ class MEMIT(Editor):
             per_layer.append(dict(layer=layer, resid_norm=resid.norm(dim=1).mean().item(),
                                   written_fraction=written.mean().item(), delta_norm=delta.norm().item()))
         with self.timed("diagnostics"):
-            K_after, z_after = fact_keys(lm, hp.layers, hp.layers[-1], texts, idxs, weights)
+            K_after, z_after = fact_keys(lm, hp.layers, hp.layers[-1], texts, idxs, weights, self.bare_key)
         zs.append(z_after)
         t2 = (target * target).sum(1).clamp_min(1e-30)
         for d, a, b in zip(per_layer, zs, zs[1:]):
@@ -223,14 +235,18 @@ def through_post_norm(lm: LoadedModel, layer: int, K: torch.Tensor, resid: torch
     return torch.where(writable, resid * (x.pow(2).mean(1, keepdim=True) + eps).sqrt() / g.where(writable, 1), 0)
 
 
-def fact_keys(lm: LoadedModel, layers, z_layer: int, texts: list[str], idxs: list[int], weights: torch.Tensor):
+def fact_keys(lm: LoadedModel, layers, z_layer: int, texts: list[str], idxs: list[int], weights: torch.Tensor,
+              bare: bool = False):
     """Each fact's key K at every layer of `layers` (weighted over its templates) and z, in one pass (`read_keys`).
 
     `texts` hold n facts × len(weights) templates, the bare prompt first; z [n, d] is the residual
-    after `z_layer` at the bare prompt. Float64, on the CPU.
+    after `z_layer` at the bare prompt. K is [n, d_k], or with `bare` [2n, d_k]: the n weighted keys,
+    then the n bare-prompt keys. Float64, on the CPU.
     """
     keys, _, z = read_keys(lm, layers, idxs, lm.encode(texts), z_layer=z_layer)
     n = len(texts) // len(weights)
-    K = {layer: torch.einsum("ntd,t->nd", k.double().cpu().view(n, len(weights), -1), weights)
-         for layer, k in keys.items()}
+    per_template = {layer: k.double().cpu().view(n, len(weights), -1) for layer, k in keys.items()}
+    K = {layer: torch.einsum("ntd,t->nd", k, weights) for layer, k in per_template.items()}
+    if bare:
+        K = {layer: torch.cat([k, per_template[layer][:, 0]]) for layer, k in K.items()}
     return K, z.double().cpu().view(n, len(weights), -1)[:, 0]
