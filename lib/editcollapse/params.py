@@ -198,12 +198,19 @@ def _items_per_task(tasks) -> Check:
     return check
 
 
-def _settings_grid(known) -> Check:
+def _settings_grid(known: dict[str, list[str]], default: str) -> Check:
+    """{name: settings} where each settings mapping may name its "editor" (`default` if not) and holds only that
+    editor's settings (`known`: editor -> its settings' names)."""
+    def fits(v) -> bool:
+        return isinstance(v, dict) and v.get("editor", default) in known \
+            and set(v) - {"editor"} <= set(known[v.get("editor", default)])
+
     def check(value):
         if (isinstance(value, dict) and value and all(isinstance(k, str) and k for k in value)
-                and all(isinstance(v, dict) and set(v) <= set(known) for v in value.values())):
+                and all(fits(v) for v in value.values())):
             return None
-        return f"must map setting names to mappings of editor settings ({', '.join(sorted(known))})"
+        return (f"must map setting names to mappings of settings of {default} (its {', '.join(sorted(known[default]))})"
+                f", or of the editor a mapping names as its editor ({', '.join(known)})")
     return check
 
 
@@ -215,7 +222,7 @@ def parameter_schema() -> dict[str, Check]:
     from .eval.downstream import TASKS
     from dataclasses import fields
 
-    from .editors import EDITORS, ROMEHyperParams
+    from .editors import EDITORS
     from .models.loading import REGISTRY
 
     models, editors, sizes = list(REGISTRY), list(EDITORS), sorted(ME_PPL_FILES)
@@ -239,7 +246,7 @@ def parameter_schema() -> dict[str, Check]:
         endpoint_calls=_int_from(0), endpoint_timeout=_number_above(0), first_token=_flag_or_null,
         max_subject_tokens=_int_from(1), n_filter=_int_from(0), n_ppl_filter=ppl, hardedit_path=_model_path,
         n_normal=_int_from(0), n_hard=_int_from(1, null="all"), hardcf_path=_model_path, n_tune=_int_from(0),
-        tune_grid=_settings_grid([f.name for f in fields(ROMEHyperParams)]), tune_editors=_names(editors, "editor"),
+        tune_grid=_settings_grid({e: [f.name for f in fields(EDITORS[e]().hyperparams)] for e in editors}, "rome-2k"),
         sequential_editors=_names(editors, "editor"), n_sequential=_int_from(1, null="every test-half hard case"),
     )
 

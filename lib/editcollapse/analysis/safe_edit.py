@@ -96,9 +96,9 @@ def locality_by_first_position(lm: LoadedModel, rows: pd.DataFrame, samples: dic
 
 
 def tuning_table(tuned: pd.DataFrame) -> pd.DataFrame:
-    """Mean and max per setting (`tune`'s rows) of the scores that decide a tuning, ME-PPL ratio and ‖Δ‖ among them."""
+    """Mean and max per (editor, setting) of `tune`'s rows: the scores that decide a tuning, ME-PPL ratio and ‖Δ‖."""
     columns = ["efficacy_acc", "generalization_acc", "locality_acc", "ppl_ratio", "delta_norm"]
-    return tuned.groupby("setting")[[c for c in columns if c in tuned]].agg(["mean", "max"])
+    return tuned.groupby(["editor", "setting"])[[c for c in columns if c in tuned]].agg(["mean", "max"])
 
 
 def with_split(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -108,12 +108,13 @@ def with_split(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
 def tune(lm: LoadedModel, editor: str, cases: list[dict], grid: dict[str, dict], store, ppl_size: int = 50,
          ppl_original: float | None = None) -> pd.DataFrame:
-    """Single edits of `cases` (the tune half) by `editor` under each setting of `grid` ({name: hparams}), as
-    experiment "tune_<name>" rows of `store` (reused when there); returns them with a `setting` column."""
+    """Single edits of `cases` (the tune half) under each setting of `grid` ({name: hparams}, by `editor` or by
+    the editor a setting names as its "editor"), as experiment "tune_<name>" rows of `store` (reused when
+    there); returns them with a `setting` column."""
     parts = []
-    for name, hparams in grid.items():
-        experiment = f"tune_{name}"
-        single_edit_sweep(lm, editor, cases, store, experiment=experiment, ppl_size=ppl_size,
+    for name, setting in grid.items():
+        experiment, hparams = f"tune_{name}", {k: v for k, v in setting.items() if k != "editor"}
+        single_edit_sweep(lm, setting.get("editor", editor), cases, store, experiment=experiment, ppl_size=ppl_size,
                           ppl_original=ppl_original, editor_kwargs=dict(hparams=hparams))
         ids = {(c.get("dataset", "counterfact"), c["case_id"]) for c in cases}
         parts.append(select(store, experiment=experiment, model=lm.spec.name, cases=ids).assign(setting=name))

@@ -105,6 +105,7 @@ class AlphaEdit(MEMIT):
     EditStack (or plain applies) see the keys of the earlier live AlphaEdit edits as K_p."""
 
     family = "alphaedit"
+    bare_key_presets = PRESETS  # AlphaEdit's own: with k^u it lost at them (docs/safe_edits.md), so none was tuned
     carries = ("preserved_keys",)
     hyperparams = AlphaEditHyperParams
     presets = PRESETS

@@ -38,6 +38,7 @@ from ..models.keys import KeySite, check_template_lengths, context_templates, ed
 from ..models.loading import LoadedModel
 from ..models.stats import Moment, model_moments
 from .base import Editor, EditRequest, check_layer, layer_list, param_delta, setting
+from .rome import TWO_KEY_V_STAR
 from .vstar import VStarParams, compute_v_star, curve_summary
 
 
@@ -86,6 +87,8 @@ PRESETS = {
     "tiny-llama": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
     "tiny-gemma3": dict(_GPT, layers=(0, 1), mom2_update_weight=100, mom2_n_tokens=3000),
 }
+# memit-2k: two-key ROME's v* settings (editors.rome.TWO_KEY_V_STAR), chosen on the tune half (docs/safe_edits.md)
+BARE_KEY_PRESETS = {model: dict(preset, **TWO_KEY_V_STAR) for model, preset in PRESETS.items()}
 
 
 def moment(lm: LoadedModel, layer: int, n_tokens: int | None) -> Moment:
@@ -116,16 +119,22 @@ class MEMIT(Editor):
     """MEMIT; `hparams` overrides the model's preset (PRESETS), e.g. {"layers": [3, 4, 5]}.
 
     `fast=False` computes z* the papers' way (vstar's full forward at every step). `bare_key=True`
-    adds each fact's bare-prompt key to K (see the module docstring).
+    adds each fact's bare-prompt key to K (see the module docstring), with `bare_key_presets`.
     """
 
     fast: bool = True
     bare_key: bool = False
     hparams: dict = field(default_factory=dict)
     family = "memit"
+    bare_key_presets = BARE_KEY_PRESETS
     batched = True
     hyperparams = MEMITHyperParams
     presets = PRESETS
+
+    def __post_init__(self):
+        if self.bare_key:
+            self.presets = self.bare_key_presets
+        super().__post_init__()
 
     @property
     def name(self) -> str:
