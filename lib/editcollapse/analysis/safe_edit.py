@@ -111,12 +111,11 @@ def tune(lm: LoadedModel, editor: str, cases: list[dict], grid: dict[str, dict],
     """Single edits of `cases` (the tune half) under each setting of `grid` ({name: hparams}, by `editor` or by
     the editor a setting names as its "editor"), as experiment "tune_<name>" rows of `store` (reused when
     there); returns them with a `setting` column."""
-    parts = []
+    parts, ids = [], {(c.get("dataset", "counterfact"), c["case_id"]) for c in cases}
     for name, setting in grid.items():
         experiment, hparams = f"tune_{name}", {k: v for k, v in setting.items() if k != "editor"}
         single_edit_sweep(lm, setting.get("editor", editor), cases, store, experiment=experiment, ppl_size=ppl_size,
                           ppl_original=ppl_original, editor_kwargs=dict(hparams=hparams))
-        ids = {(c.get("dataset", "counterfact"), c["case_id"]) for c in cases}
         parts.append(select(store, experiment=experiment, model=lm.spec.name, cases=ids).assign(setting=name))
     return pd.concat(parts, ignore_index=True)
 
