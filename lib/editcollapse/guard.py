@@ -21,7 +21,7 @@ keys are read, before v* is optimised and before any perplexity is measured:
 `key_features` reads the keys where the editor says they are (`editor.key_site(lm)`), for many
 requests in one batched pass (`models.keys.context_keys`). `Guarded(editor, guard="refuse" | "warn" |
 "switch")` wraps a key-based editor: a risky request is refused (EditError, model untouched), warned
-about, or edited with the fallback (C-ROME or two-key ROME where the editor offers them, or prefixed keys for
+about, or edited with the fallback (two-key ROME or C-ROME where the editor offers them, or prefixed keys for
 any editor).
 The CounterFact screen and HardCF are in `hardcases.hardcf`; the command line is
 `python -m editcollapse.cli.guard` (docs/guard.md).
@@ -286,10 +286,11 @@ class Guarded(Editor):
 
     - "refuse": refused with an EditError before any weight is written (the model is untouched);
     - "warn": edited anyway, with a CollapseWarning;
-    - "switch": edited by `fallback` instead: "c-rome" (the editor's `c_rome()`, consistent keys; the default
-      where the editor offers it, as ROME does), "rome-2k" (the editor's `two_key()`: k^u and k̄ both map to v*,
-      so that the edit can take at the bare prompt without ROME's tiny divisor; notebook 06 measures it against
-      C-ROME), "prefix" (the request's prompt behind one of the editor's
+    - "switch": edited by `fallback` instead: "rome-2k" (the editor's `two_key()`: k^u and k̄ both map to v*,
+      so that the edit can take at the bare prompt without ROME's tiny divisor; the default where the editor
+      offers it, as ROME does: on notebook 06's held-out HardCF its bare-prompt efficacy is 0.42 against
+      C-ROME's 0.03, collapsing none), "c-rome" (the editor's `c_rome()`, consistent keys: ME-PPL stays put,
+      the edit does not take on the bare prompt), "prefix" (the request's prompt behind one of the editor's
       context templates, which is also the result's test-time prefix; any editor with at least one context
       template), or an Editor.
 
@@ -314,7 +315,7 @@ class Guarded(Editor):
         threshold = None if threshold is None else float(threshold)
         offers = {name: hasattr(editor, method) for name, method in self.FALLBACKS.items()}
         if fallback is None:
-            fallback = "c-rome" if offers["c-rome"] else "prefix"
+            fallback = "rome-2k" if offers["rome-2k"] else "prefix"
         if isinstance(fallback, str) and fallback not in (*self.FALLBACKS, "prefix"):
             raise EditError(f"fallback must be 'rome-2k', 'c-rome', 'prefix' or an Editor, got {fallback!r}")
         if isinstance(fallback, str) and fallback != "prefix" and not offers[fallback]:

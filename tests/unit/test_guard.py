@@ -126,13 +126,13 @@ def test_guard_refuses_without_touching_the_model(tiny_models, arch):
 
 
 def test_guard_warns_or_switches(tiny_models):
-    """warn: the ROME edit with a CollapseWarning; switch: the C-ROME edit instead (same weights as C-ROME), or
-    two-key ROME's with fallback="rome-2k"."""
+    """warn: the ROME edit with a CollapseWarning; switch: two-key ROME's edit instead (same weights as two-key
+    ROME alone), or C-ROME's with fallback="c-rome"."""
     lm = tiny_models("tiny-llama")
     with pytest.warns(guard.CollapseWarning, match="likely to collapse"):
         with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "warn", threshold=ALWAYS)) as result:
             assert result.diagnostics["guard_action"] == "warned" and result.diagnostics["guard_editor"] == "rome"
-    for fallback, alone in ((None, ROME(consistent=True, hparams=FAST)), ("rome-2k", ROME(two_keys=True, hparams=FAST))):
+    for fallback, alone in ((None, ROME(two_keys=True, hparams=FAST)), ("c-rome", ROME(consistent=True, hparams=FAST))):
         with edited(lm, REQS[0], guard.Guarded(ROME(hparams=FAST), "switch", threshold=ALWAYS,
                                                fallback=fallback)) as result:
             switched = snapshot(lm)

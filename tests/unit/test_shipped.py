@@ -101,15 +101,19 @@ def test_the_readme_long_profile_findings_are_the_shipped_rows():
 
 
 def test_the_readme_safe_edit_findings_are_the_shipped_rows():
-    """The README's table of two-key ROME on the test half states what notebook 06's library computes from the
-    shipped single-edit rows (the unedited ME-PPL from the rows' own ppl / ppl_ratio)."""
+    """The README's table of the editors on notebook 06's test half states what its library computes from the
+    shipped single-edit rows (the unedited ME-PPL from the rows' own ppl / ppl_ratio), for every editor shipped."""
     from editcollapse.analysis import safe_edit
 
     readme = (paths.REPO_ROOT / "README.md").read_text()
     section = readme[readme.index("### Safe hard edits"):readme.index("### Figures")]
     test = safe_edit.half(safe_edit.study_samples("smollm2-135m", 50))
-    rows = safe_edit.study_rows(shipped.load("local", "single_edit"), "smollm2-135m", ["rome-2k"], test)
+    editors = {"rome-2k": "two-key ROME", "memit-2k": "MEMIT with k^u", "c-rome": "C-ROME", "rome": "ROME"}
+    rows = safe_edit.study_rows(shipped.load("local", "single_edit"), "smollm2-135m", list(editors), test)
     original = float((rows.ppl / rows.ppl_ratio).median())
     table = safe_edit.single_table(rows, original)
-    lines = safe_edit.readme_rows(table, "rome-2k", {"hardcf": "HardCF", "hardedit": "HardEdit", "normal": "normal"})
-    assert lines and all(line in section for line in lines)
+    assert "rome-2k" in set(rows.editor)
+    for editor in set(rows.editor):
+        lines = safe_edit.readme_rows(table, editor, {s: f"{editors[editor]}, {label}" for s, label in
+                                                      (("hardcf", "HardCF"), ("hardedit", "HardEdit"), ("normal", "normal"))})
+        assert lines and all(line in section for line in lines), editor
