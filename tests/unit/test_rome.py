@@ -350,3 +350,43 @@ def test_separate_values_map_each_key_to_its_own_v_star(tiny_models):
         assert (d["v_star_bar"] - d["v_star"]).norm() > 1e-3 * d["v_star"].norm()
     with pytest.raises(EditError, match="needs two_keys"):
         ROME(hparams=dict(FAST_ROME, separate_values=True)).apply(lm, REQ)
+
+
+def test_restrain_update_maps_large_singular_values_through_prune_log():
+    """σ ≥ σ_max(W) → σ_max(W) + log_α(σ/σ_max(W)); smaller singular values and every singular vector kept."""
+    from editcollapse.editors.rome import restrain_update
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    top = torch.linalg.matrix_norm(W, ord=2).item()
+    U, _ = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(9, 2, generator=g, dtype=torch.float64))
+    S = torch.tensor([20 * top, 0.5 * top], dtype=torch.float64)
+    restrained, before, w_top = restrain_update((U * S) @ V.T, W, 1.5)
+    assert before == pytest.approx(20 * top) and w_top == pytest.approx(top)
+    expected = (U * torch.tensor([top + torch.log(torch.tensor(20.0)).item() / torch.log(torch.tensor(1.5)).item(),
+                                  0.5 * top], dtype=torch.float64)) @ V.T
+    torch.testing.assert_close(restrained, expected)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-llama"])
+def test_prune_log_base_restrains_the_applied_update(tiny_models, arch):
+    """With prune_log_base the weight change is `restrain_update` of the unrestrained edit's (same seed, same
+    v*), GPT-2's transposed layout included, and undo restores the weights."""
+    from editcollapse.editors.rome import restrain_update
+
+    lm = tiny_models(arch)
+    before = snapshot(lm)
+    layer = PRESETS[arch]["layer"]
+    W0 = mlp_out_weight(lm, layer).clone()
+    with edited(lm, REQ, ROME(hparams=FAST_ROME)):
+        delta = mlp_out_weight(lm, layer) - W0
+    with edited(lm, REQ, ROME(hparams=dict(FAST_ROME, prune_log_base=1.01))) as result:
+        restrained = mlp_out_weight(lm, layer) - W0
+        d = result.diagnostics
+    expected, top_delta, top_w = restrain_update(delta, W0, 1.01)
+    assert top_delta > top_w  # the restraint acts
+    assert d["unrestrained_spectral_norm"] == pytest.approx(top_delta, rel=1e-3)
+    assert d["w_spectral_norm"] == pytest.approx(top_w, rel=1e-4)
+    torch.testing.assert_close(restrained, expected, rtol=1e-3, atol=1e-5)
+    assert identical(lm, before)

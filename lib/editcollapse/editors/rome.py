@@ -22,9 +22,14 @@ Two-key ROME (`two_keys=True`, beyond the papers) asks for both: (W + Δ) k^u = 
 (`least_change_update`). Its 2×2 Gram matrix UᵀK = KᵀC⁻¹K is well conditioned exactly when k^u and
 k̄ are far apart, the case that breaks ROME, so the divisor (C⁻¹k̄)ᵀk^u never appears; when they
 coincide it is singular and the edit is refused (ROME's rank-one update is then the same edit).
+
+`prune_log_base` α (after PRUNE, Ma et al. 2024) restrains the update's singular values above W's largest,
+σ ≥ σ_max(W) → σ_max(W) + log_α(σ / σ_max(W)) (`restrain_update`): a norm constraint on Δ, tried on the
+hard cases in notebook 06.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -53,6 +58,8 @@ class ROMEHyperParams(VStarParams):
     first_position_weight: float = setting(float, 0.0, at_least=0)
     # two-key ROME: k^u → v*_u optimised on the bare prompt alone, k̄ → v̄* on the context templates alone
     separate_values: bool = setting(bool, False)
+    # PRUNE's restraint of Δ's singular values above σ_max(W) with log base α (`restrain_update`); None: off
+    prune_log_base: float | None = setting(float, None, above=1, optional=True)
 
 
 # The papers' settings (their hparams/ROME/*.yaml, from Meng et al.). The local models use the
@@ -96,16 +103,25 @@ def rank_one_update(v_star: torch.Tensor, Wk: torch.Tensor, k: torch.Tensor, u: 
 MAX_GRAM_CONDITION = 1e6  # beyond it, float32 cannot solve the 2×2 system (k^u and k̄ nearly parallel)
 
 
-def least_change_update(v_star: torch.Tensor, WK: torch.Tensor, K: torch.Tensor, U: torch.Tensor):
+def least_change_update(v_star: torch.Tensor, WK: torch.Tensor, K: torch.Tensor, U: torch.Tensor, gram=None):
     """Δ = (v* 1ᵀ − W K)(Uᵀ K)⁻¹ Uᵀ: the least change (in the C-norm when U = C⁻¹K) with (W + Δ) K = v* 1ᵀ
     (or = V* for a matrix `v_star` [d_out, n] of one target per key).
 
-    K, U: [d_in, n] keys and their C⁻¹ images; WK: [n, d_out] the outputs W k_i. Returns
-    (Δ [d_out, d_in], residuals [d_out, n], Gram matrix UᵀK [n, n]).
+    K, U: [d_in, n] keys and their C⁻¹ images; WK: [n, d_out] the outputs W k_i; `gram`: UᵀK when already
+    computed. Returns (Δ [d_out, d_in], residuals [d_out, n], Gram matrix UᵀK [n, n]).
     """
     residual = (v_star[:, None] if v_star.dim() == 1 else v_star) - WK.T
-    gram = U.T @ K
+    gram = U.T @ K if gram is None else gram
     return residual @ torch.linalg.solve(gram, U.T), residual, gram
+
+
+def restrain_update(delta: torch.Tensor, W: torch.Tensor, base: float):
+    """PRUNE's restraint (Ma et al. 2024): every singular value σ ≥ σ_max(W) of Δ becomes
+    σ_max(W) + log_base(σ / σ_max(W)), its singular vectors kept. Returns (Δ', σ_max(Δ) before, σ_max(W))."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    top = torch.linalg.matrix_norm(W.double(), ord=2)
+    restrained = torch.where(S >= top, top + torch.log(S / top) / math.log(base), S)
+    return (delta + (U * (restrained - S)) @ Vh).to(delta.dtype), S[0].item(), top.item()
 
 
 @dataclass
@@ -180,7 +196,11 @@ class ROME(Editor):
                 update = dict(denominator=(denominator / C_inv_k.norm()).item(), denominator_raw=denominator.item())
             if not torch.isfinite(delta).all():
                 raise EditError(f"non-finite update ({', '.join(f'{k} {v:.3g}' for k, v in update.items())})")
-            tx.add_(*param_delta(lm, lm.spec.module("mlp_out", hp.layer), delta))
+            out = lm.spec.module("mlp_out", hp.layer)
+            if hp.prune_log_base:  # σ_max(W) is the same in either layout (GPT-2's Conv1D stores Wᵀ)
+                delta, update["unrestrained_spectral_norm"], update["w_spectral_norm"] = restrain_update(
+                    delta, lm.model.get_submodule(out).weight.detach(), hp.prune_log_base)
+            tx.add_(*param_delta(lm, out, delta))
         diagnostics = dict(
             layer=hp.layer, k_u=k_u.cpu(), k_bar=k_bar.cpu(), C_inv_k=C_inv_k.cpu(), v_star=v_star.cpu(),
             v_init=v_init.cpu(), numerator=numerator.cpu(), numerator_norm=numerator.norm().item(), **update,
@@ -202,7 +222,7 @@ class ROME(Editor):
         if not eig[0] > MAX_GRAM_CONDITION ** -1 * eig[-1]:
             raise EditError(f"two-key ROME: k^u and k̄ are (nearly) parallel (Gram matrix eigenvalues "
                             f"{eig[0].item():.3g}, {eig[-1].item():.3g}); ROME's rank-one update is the same edit")
-        delta, residual, _ = least_change_update(v_star, outputs, keys, U)
+        delta, residual, _ = least_change_update(v_star, outputs, keys, U, gram)
         return delta, residual[:, 0], dict(gram_condition=(eig[-1] / eig[0]).item(),
                                           gram_min_eigenvalue=eig[0].item())
 
