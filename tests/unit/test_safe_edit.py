@@ -57,6 +57,12 @@ def test_sequential_table_finds_the_first_step_over_the_bound_and_the_retention(
     assert r.first_step_over == 2 and r.max_ppl_ratio == pytest.approx(2.5) and r.steps == 3
     assert r.retained_n == 3 and r.retained_efficacy_acc == pytest.approx(2 / 3)
     assert r.efficacy_acc_when_edited == pytest.approx(2 / 3)
+    collapsing = steps.assign(editor="rome", ppl=[100, 150, 25000, 30000])
+    table = safe_edit.sequential_table(pd.concat([steps, collapsing]), pd.concat([kept, kept.assign(editor="rome")]),
+                                       100.0)
+    lines = safe_edit.readme_sequential_rows(table, {"rome-2k": "two-key", "rome": "ROME", "memit": "absent"}, "hard")
+    assert lines[0].startswith("| two-key | 3 | 2 | 2.50× | 0.67 | 0.67 (") and lines[1].startswith("| ROME | 3 | 2 | 300×")
+    assert len(lines) == 2
 
 
 def test_a_locality_prompt_shares_the_first_position_only_without_bos(tiny_models):
@@ -72,3 +78,26 @@ def test_a_locality_prompt_shares_the_first_position_only_without_bos(tiny_model
     assert not safe_edit.shares_first_position(llama, case)  # BOS comes first
     k, _ = keys_and_values(gpt2, 1, [case["prompt"], case["locality_prompt"]], [0, 0])
     torch.testing.assert_close(k[0], k[1])
+
+
+def test_bare_key_cosines_are_one_for_prompts_that_share_their_first_position(tiny_models):
+    """Two prompts that begin with the same subject have the same k^u (causal attention): cosine 1;
+    the table's statistics are those of the keys read by hand."""
+    import torch
+
+    from editcollapse.models.keys import keys_and_values
+
+    lm = tiny_models("tiny-gpt2")
+    same = [dict(prompt="Paris is the capital of", subject="Paris"), dict(prompt="Paris Hilton was born in",
+                                                                         subject="Paris")]
+    mixed = same[:1] + [dict(prompt="The city of Rome is in", subject="Rome")]
+    table = safe_edit.bare_key_cosines(lm, 1, dict(same=same, mixed=mixed, one=same[:1]))
+    assert list(table.index) == ["same", "mixed"]
+    assert table.loc["same", "cosine_median"] == pytest.approx(1.0)
+    from editcollapse.models.tokens import subject_last_index
+
+    paris, rome = subject_last_index(lm, "{} is", "Paris"), subject_last_index(lm, "The city of {} is in", "Rome")
+    K, _ = keys_and_values(lm, 1, [c["prompt"] for c in mixed], [paris, rome])
+    expected = torch.nn.functional.cosine_similarity(K[0], K[1], dim=0).item()
+    assert table.loc["mixed", "cosine_median"] == pytest.approx(expected, rel=1e-5)
+    assert table.loc["mixed", "norm_median"] == pytest.approx(K.norm(dim=1).median().item(), rel=1e-5)

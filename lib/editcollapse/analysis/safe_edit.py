@@ -85,6 +85,28 @@ def shares_first_position(lm: LoadedModel, case: dict) -> bool:
     return bool(first[0]) and first[0] == first[1]
 
 
+def bare_key_cosines(lm: LoadedModel, layer: int, samples: dict[str, list[dict]]) -> pd.DataFrame:
+    """Per sample: n, the median (and 10th, 90th percentile) cosine between the bare-prompt keys k^u of two different
+    cases at `layer`, and the median ‖k^u‖. Edits of a sequence whose k^u point the same way write over one another."""
+    import torch
+
+    from ..models.keys import keys_and_values
+    from ..models.tokens import subject_last_index
+
+    out = []
+    for name, cases in samples.items():
+        if len(cases) < 2:
+            continue
+        idx = [subject_last_index(lm, c["prompt"].replace(c["subject"], "{}", 1), c["subject"]) for c in cases]
+        K, _ = keys_and_values(lm, layer, [c["prompt"] for c in cases], idx)
+        unit = torch.nn.functional.normalize(K.double(), dim=1)
+        cos = (unit @ unit.T)[~torch.eye(len(K), dtype=torch.bool)]
+        out.append(dict(sample=name, n=len(cases), cosine_median=cos.median().item(),
+                        cosine_q10=cos.quantile(0.1).item(), cosine_q90=cos.quantile(0.9).item(),
+                        norm_median=K.norm(dim=1).median().item()))
+    return pd.DataFrame(out).set_index("sample")
+
+
 def locality_by_first_position(lm: LoadedModel, rows: pd.DataFrame, samples: dict[str, list[dict]]) -> pd.DataFrame:
     """Mean locality (token accuracy) and n per (editor, whether the locality prompt shares the edit prompt's
     first position: `shares_first_position`) over `rows`' hard samples."""
@@ -201,6 +223,24 @@ def sequential_table(steps: pd.DataFrame, retention: pd.DataFrame, ppl_original:
             row["retained_efficacy_prob"] = float(kept.efficacy_prob.mean())
         out.append(row)
     return pd.DataFrame(out).set_index(["editor", "run"]) if out else pd.DataFrame()
+
+
+def readme_sequential_rows(sequential: pd.DataFrame, labels: dict[str, str], run: str = "hard_test") -> list[str]:
+    """The README's rows of `sequential_table` for `run`, per editor (`labels`: {editor: label}): steps, the first
+    step beyond SEQUENTIAL_PPL_RATIO× ("none"), the largest ME-PPL ratio, each step's own efficacy when made and
+    the earlier edits' efficacy at the end with its 95 % interval (token accuracies)."""
+    def ratio(x):
+        return f"{x:,.0f}×" if x >= 100 else f"{x:.2f}×"
+
+    out = []
+    for editor, label in labels.items():
+        if (editor, run) not in sequential.index:
+            continue
+        r = sequential.loc[(editor, run)]
+        first = "none" if np.isnan(r.first_step_over) else f"{int(r.first_step_over)}"
+        out.append(f"| {label} | {int(r.steps)} | {first} | {ratio(r.max_ppl_ratio)} | {r.efficacy_acc_when_edited:.2f} | "
+                   f"{r.retained_efficacy_acc:.2f} ({r.retained_efficacy_acc_lo:.2f}–{r.retained_efficacy_acc_hi:.2f}) |")
+    return out
 
 
 def targets(single: pd.DataFrame, editor: str, sequential: pd.DataFrame | None = None,
