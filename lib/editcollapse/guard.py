@@ -289,8 +289,9 @@ class Guarded(Editor):
     - "switch": edited by `fallback` instead: "rome-2k" (the editor's `two_key()`: k^u and k̄ both map to v*,
       so that the edit can take at the bare prompt without ROME's tiny divisor; the default where the editor
       offers it, as ROME does: on notebook 06's held-out HardCF its bare-prompt efficacy is 0.42 against
-      C-ROME's 0.03, collapsing none), "c-rome" (the editor's `c_rome()`, consistent keys: ME-PPL stays put,
-      the edit does not take on the bare prompt), "prefix" (the request's prompt behind one of the editor's
+      C-ROME's 0.03, collapsing none; in one sequence of those cases it collapses the model by the 4th edit),
+      "c-rome" (the editor's `c_rome()`, consistent keys: ME-PPL stays put, in a sequence too, and the edit
+      does not take on the bare prompt), "prefix" (the request's prompt behind one of the editor's
       context templates, which is also the result's test-time prefix; any editor with at least one context
       template), or an Editor.
 

@@ -22,7 +22,7 @@ def test_notebook_06_runs_and_a_rerun_edits_nothing(tmp_path, monkeypatch):
     overrides = dict(model="tiny-llama", device="cpu", results_dir=str(results), n_normal=2, n_hard=4,
                      hardcf_path=str(hardcf), hardedit_path=str(hardedit), n_tune=2, n_sequential=3,
                      tune_grid={"clamp4": {"clamp_norm_factor": 4.0, "v_num_grad_steps": 25}, "clamp12": {"clamp_norm_factor": 12.0, "v_num_grad_steps": 25},
-                                "memit-2k": {"editor": "memit-2k"}})
+                                "memit-2k": {"editor": "memit-2k"}, "rome_prune": {"editor": "rome", "prune_log_base": 2.0}})
     run("quick", only=["06"], overrides=overrides, executed_dir=tmp_path / "executed")
     rows = pd.read_json(results / "single_edit.jsonl", lines=True)
     assert not rows.duplicated(["experiment", "model", "editor", "dataset", "case_id"]).any()
@@ -34,7 +34,7 @@ def test_notebook_06_runs_and_a_rerun_edits_nothing(tmp_path, monkeypatch):
     assert single.case_id.map(lambda i: safe_edit.split_of(i) == "test").all()
     assert set(single[single.editor == "c-rome-prefix"].case_id) == hard_test
     assert hard_test <= set(single[single.editor == "rome-2k"].case_id)
-    assert set(rows.experiment) == {"single_edit_ppl50", "tune_clamp4", "tune_clamp12", "tune_memit-2k"}
+    assert set(rows.experiment) == {"single_edit_ppl50", "tune_clamp4", "tune_clamp12", "tune_memit-2k", "tune_rome_prune"}
     tuned = rows[rows.experiment.str.startswith("tune_")]
     cases = tuned.groupby("experiment").case_id.agg(frozenset)
     assert cases.nunique() == 1 and 1 <= len(cases.iloc[0]) <= 2  # every setting and editor: the same tune cases

@@ -108,7 +108,8 @@ def test_the_readme_safe_edit_findings_are_the_shipped_rows():
     readme = (paths.REPO_ROOT / "README.md").read_text()
     section = readme[readme.index("### Safe hard edits"):readme.index("### Figures")]
     test = safe_edit.half(safe_edit.study_samples("smollm2-135m", 50))
-    editors = {"rome-2k": "two-key ROME", "memit-2k": "MEMIT with k^u", "c-rome": "C-ROME", "rome": "ROME"}
+    editors = {"rome-2k": "two-key ROME", "memit-2k": "MEMIT with k^u", "c-rome": "C-ROME",
+               "c-rome-prefix": "C-ROME with a test-time prefix, bare prompt", "rome": "ROME"}
     rows = safe_edit.study_rows(shipped.load("local", "single_edit"), "smollm2-135m", list(editors), test)
     original = float((rows.ppl / rows.ppl_ratio).median())
     table = safe_edit.single_table(rows, original)
@@ -117,3 +118,25 @@ def test_the_readme_safe_edit_findings_are_the_shipped_rows():
         lines = safe_edit.readme_rows(table, editor, {s: f"{editors[editor]}, {label}" for s, label in
                                                       (("hardcf", "HardCF"), ("hardedit", "HardEdit"), ("normal", "normal"))})
         assert lines and all(line in section for line in lines), editor
+    if "c-rome-prefix" in set(rows.editor):
+        behind = rows[rows.editor == "c-rome-prefix"].groupby("sample")[["prefixed_efficacy_acc",
+                                                                          "prefixed_efficacy_prob"]].mean()
+        acc, prob = behind.prefixed_efficacy_acc, behind.prefixed_efficacy_prob
+        assert (f"({acc['hardcf']:.2f} on HardCF, {acc['hardedit']:.2f} on HardEdit; {prob['hardcf']:.2f} and "
+                f"{prob['hardedit']:.2f} by ROME's probability") in " ".join(section.split())
+
+
+def test_the_readme_safe_edit_sequences_are_the_shipped_rows():
+    """The README's table of notebook 06's sequences (every test-half hard case in one sequence) states what
+    `safe_edit.sequential_table` computes from the shipped step and retention rows, for every shipped editor."""
+    from editcollapse.analysis import safe_edit
+
+    readme = (paths.REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Safe hard edits"):readme.index("### Figures")]
+    steps = shipped.load("local", "safe_edit_sequential")
+    original = float(steps[steps.step == 0].ppl.median())
+    table = safe_edit.sequential_table(steps, shipped.load("local", "safe_edit_retention"), original)
+    labels = {"rome-2k": "two-key ROME", "memit-2k": "MEMIT with k^u", "c-rome": "C-ROME"}
+    assert set(steps.editor) <= set(labels)
+    lines = safe_edit.readme_sequential_rows(table, labels)
+    assert len(lines) == len(set(steps.editor)) and all(line in section for line in lines)

@@ -186,6 +186,11 @@ def single_table(rows: pd.DataFrame, ppl_original: float, split: str | None = "t
     return table
 
 
+def _ratio(x: float) -> str:
+    """A perplexity ratio as the README writes it: 1.97×, or 182,390× from 100 on."""
+    return f"{x:,.0f}×" if x >= 100 else f"{x:.2f}×"
+
+
 def readme_rows(single: pd.DataFrame, editor: str, labels: dict[str, str]) -> list[str]:
     """The README's table rows of `editor` from `single_table`: per sample (`labels`: {sample: label}) n, collapsed,
     bare-prompt efficacy with its 95 % interval, edits within SINGLE_PPL_RATIO× ME-PPL, the largest ratio,
@@ -197,7 +202,7 @@ def readme_rows(single: pd.DataFrame, editor: str, labels: dict[str, str]) -> li
         r = single.loc[(editor, sample)]
         within = int(round(r.within_ppl * r.edits))
         out.append(f"| {label} | {int(r.edits)} | {int(r.collapsed)} | {r.efficacy_acc:.2f} ({r.efficacy_acc_lo:.2f}–"
-                   f"{r.efficacy_acc_hi:.2f}) | {within} of {int(r.edits)} | {r.max_ppl_ratio:.2f}× | "
+                   f"{r.efficacy_acc_hi:.2f}) | {within} of {int(r.edits)} | {_ratio(r.max_ppl_ratio)} | "
                    f"{r.generalization_acc:.2f} | {r.locality_acc:.2f} |")
     return out
 
@@ -229,16 +234,13 @@ def readme_sequential_rows(sequential: pd.DataFrame, labels: dict[str, str], run
     """The README's rows of `sequential_table` for `run`, per editor (`labels`: {editor: label}): steps, the first
     step beyond SEQUENTIAL_PPL_RATIO× ("none"), the largest ME-PPL ratio, each step's own efficacy when made and
     the earlier edits' efficacy at the end with its 95 % interval (token accuracies)."""
-    def ratio(x):
-        return f"{x:,.0f}×" if x >= 100 else f"{x:.2f}×"
-
     out = []
     for editor, label in labels.items():
         if (editor, run) not in sequential.index:
             continue
         r = sequential.loc[(editor, run)]
         first = "none" if np.isnan(r.first_step_over) else f"{int(r.first_step_over)}"
-        out.append(f"| {label} | {int(r.steps)} | {first} | {ratio(r.max_ppl_ratio)} | {r.efficacy_acc_when_edited:.2f} | "
+        out.append(f"| {label} | {int(r.steps)} | {first} | {_ratio(r.max_ppl_ratio)} | {r.efficacy_acc_when_edited:.2f} | "
                    f"{r.retained_efficacy_acc:.2f} ({r.retained_efficacy_acc_lo:.2f}–{r.retained_efficacy_acc_hi:.2f}) |")
     return out
 
