@@ -88,9 +88,9 @@ def test_bare_key_cosines_are_one_for_prompts_that_share_their_first_position(ti
     from editcollapse.models.keys import keys_and_values
 
     lm = tiny_models("tiny-gpt2")
-    same = [dict(prompt="Paris is the capital of", subject="Paris"), dict(prompt="Paris Hilton was born in",
-                                                                         subject="Paris")]
-    mixed = same[:1] + [dict(prompt="The city of Rome is in", subject="Rome")]
+    same = [dict(prompt="Paris is the capital of", subject="Paris", target_new="Italy"),
+            dict(prompt="Paris Hilton was born in", subject="Paris", target_new="Rome")]
+    mixed = same[:1] + [dict(prompt="The city of Rome is in", subject="Rome", target_new="France")]
     table = safe_edit.bare_key_cosines(lm, 1, dict(same=same, mixed=mixed, one=same[:1]))
     assert list(table.index) == ["same", "mixed"]
     assert table.loc["same", "cosine_median"] == pytest.approx(1.0)

@@ -90,16 +90,14 @@ def bare_key_cosines(lm: LoadedModel, layer: int, samples: dict[str, list[dict]]
     cases at `layer`, and the median ‖k^u‖. Edits of a sequence whose k^u point the same way write over one another."""
     import torch
 
-    from ..models.keys import keys_and_values
-    from ..models.tokens import subject_last_index
+    from ..models.keys import subject_keys
 
     out = []
     for name, cases in samples.items():
         if len(cases) < 2:
             continue
-        idx = [subject_last_index(lm, c["prompt"].replace(c["subject"], "{}", 1), c["subject"]) for c in cases]
-        K, _ = keys_and_values(lm, layer, [c["prompt"] for c in cases], idx)
-        unit = torch.nn.functional.normalize(K.double(), dim=1)
+        K = subject_keys(lm, layer, cases)
+        unit = torch.nn.functional.normalize(K, dim=1)
         cos = (unit @ unit.T)[~torch.eye(len(K), dtype=torch.bool)]
         out.append(dict(sample=name, n=len(cases), cosine_median=cos.median().item(),
                         cosine_q10=cos.quantile(0.1).item(), cosine_q90=cos.quantile(0.9).item(),
