@@ -151,6 +151,9 @@ class Plan:
             self.add(notebook, f"{what}: {task} x {n} items", models * n, self.units["downstream_item"][task])
 
 
+FIRST_TOKEN_GUESS = 60  # first-token cases of a model whose HardCF summary does not say (SmolLM2: 47)
+
+
 def first_token_available(model: str) -> int | None:
     path = data_dir() / "hardcf" / f"{model}.summary.json"
     return json.loads(path.read_text()).get("first_token_cases") if path.exists() else None
@@ -239,6 +242,19 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
                      plan.edit(editor, m) + units.get("edit_metrics", 0.0) + plan.ppl(p["n_ppl"], m))
             plan.add(nb, f"{editor} ME-PPL_{p['n_ppl']} at step 0", 2, plan.ppl(p["n_ppl"], m))
             plan.downstream(nb, f"{editor} downstream at the last step", 2, p["downstream_tasks"], p["n_downstream"])
+    if p := params.get("07_scale"):
+        nb = "07"
+        from editcollapse.models.loading import get_spec
+
+        for m in p["models"]:
+            sizes = dict(dict(n_random=p["n_random"], max_first_token=p["max_first_token"]), **p["model_sizes"].get(m, {}))
+            n_first = first_token(m, sizes["max_first_token"] or FIRST_TOKEN_GUESS)
+            plan.add(nb, f"ME-PPL_{p['n_ppl']} of the unedited {m}", 1, plan.ppl(p["n_ppl"], m))
+            plan.single(nb, m, "rome", "random", sizes["n_random"], p["n_ppl"])
+            plan.single(nb, m, "rome", "first-token", n_first, p["n_ppl"])
+            collapse = 0 if get_spec(m).prepend_bos else n_first  # no BOS: most first-token cases collapse
+            for editor in ("c-rome", "c-rome-prefix"):
+                plan.single(nb, m, editor, "first-token", collapse, p["n_ppl"])
     return plan
 
 

@@ -214,6 +214,19 @@ def _settings_grid(known: dict[str, list[str]], default: str) -> Check:
     return check
 
 
+def _model_sizes(models) -> Check:
+    """{model: {n_random: int >= 1, max_first_token: int >= 1 or null}}: sizes that replace the notebook's for
+    those models (a large model gets a smaller sample)."""
+    def check(value):
+        ok = isinstance(value, dict) and all(
+            m in models and isinstance(v, dict) and set(v) <= {"n_random", "max_first_token"}
+            and all((_is_int(n) and n >= 1) or (n is None and k == "max_first_token") for k, n in v.items())
+            for m, v in value.items())
+        return None if ok else ("must map model names to {n_random: int >= 1, max_first_token: int >= 1 or null} "
+                                f"(models: {', '.join(models)})")
+    return check
+
+
 @functools.cache
 def parameter_schema() -> dict[str, Check]:
     """{parameter: its check}, for every parameter of notebooks/0*.ipynb (a notebook's schema is the checks
@@ -223,6 +236,7 @@ def parameter_schema() -> dict[str, Check]:
     from dataclasses import fields
 
     from .editors import EDITORS
+    from .guard import THRESHOLDS as GUARD_THRESHOLDS
     from .models.loading import REGISTRY
 
     models, editors, sizes = list(REGISTRY), list(EDITORS), sorted(ME_PPL_FILES)
@@ -248,6 +262,9 @@ def parameter_schema() -> dict[str, Check]:
         n_normal=_int_from(0), n_hard=_int_from(1, null="all"), hardcf_path=_model_path, n_tune=_int_from(0),
         tune_grid=_settings_grid({e: [f.name for f in fields(EDITORS[e]().hyperparams)] for e in editors}, "rome-2k"),
         sequential_editors=_names(editors, "editor"), n_sequential=_int_from(1, null="every test-half hard case"),
+        models=_names(models, "model", empty=False), max_first_token=_int_from(1, null="all"),
+        model_sizes=_model_sizes(models),
+        reference_model=_one_of(sorted(m for m, _ in GUARD_THRESHOLDS), "a model with a calibrated guard threshold"),
     )
 
 

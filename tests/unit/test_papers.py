@@ -83,3 +83,16 @@ def test_sequential_numbers_are_on_me_ppl_1k_where_the_run_measured_it():
     table = papers.versus("llama2-7b", sequential=steps).set_index(papers.KEY)
     assert table.ours[("sequential_ppl_end", "rome", "hard")] == 7e5  # the paper's corpus, not ME-PPL_50's 9e5
     assert table.ours[("sequential_ppl_end", "unedited", "")] == 120.0
+
+
+def test_sequential_lines_set_each_run_we_have_beside_the_papers_107_edits():
+    from editcollapse.results.tables import collapse_steps
+
+    steps = pd.DataFrame(dict(editor=["rome"] * 3 + ["memit"] * 2, run=["hard"] * 3 + ["normal"] * 2, step=[0, 1, 2, 0, 1],
+                              ppl=[100.0, 2e3, 9e5, 100.0, 120.0], error=None, cum_rel_change=0.1, norm_growth=1.0,
+                              cond_ratio=1.0))
+    lines = papers.sequential_lines(papers.versus("llama2-7b", sequential=steps), collapse_steps(steps),
+                                    {"memit": "MEMIT", "rome": "ROME", "mend": "MEND"})
+    assert lines == ["| ME-PPL_1k after MEMIT's sequence of normal cases | 99.8 (107 edits) | 120 (1 edits) |",
+                     "| ME-PPL_1k after ROME's sequence of HardCF cases | 1.19 × 10¹¹ (107 edits) | 9.0 × 10⁵ "
+                     "(2 edits; collapsed at step 1) |"]

@@ -8,7 +8,7 @@ from editcollapse import data, paths
 from editcollapse.experiments.sequential import sequential_run, sequential_store
 from editcollapse.results import papers, shipped
 from editcollapse.results.store import DOWNSTREAM_KEY, SEQ_KEY, ResultStore
-from editcollapse.results.tables import collapse_steps, downstream_change
+from editcollapse.results.tables import EDITOR_LABELS, SEQUENTIAL_RUNS, sequential_summary, sequential_summary_lines
 from tests.fast import FAST
 
 KEYS = {"seq": SEQ_KEY, "ds": DOWNSTREAM_KEY}
@@ -79,25 +79,21 @@ def test_the_shipped_tables_load_and_match_their_card(profile):
 
 @pytest.mark.skipif("local" not in PROFILES, reason="no local profile shipped")
 def test_the_readme_long_profile_findings_are_the_shipped_rows():
-    """The README's table of ROME's sequential runs states what the library computes from the shipped rows."""
+    """The README's tables of the sequential runs, and their rows in the papers-against-ours table, are what the
+    library computes from the shipped rows, for every run shipped."""
     readme = (paths.REPO_ROOT / "README.md").read_text()
     section = readme[readme.index("### The long profile"):readme.index("### Figures")]
-    steps = collapse_steps(shipped.load("local", "sequential")).loc["rome"]
-    first = [f"**{int(steps.loc[run, 'first_collapse_step'])}**" for run in ("hard", "normal")]
-    assert f"| first step with ME-PPL_50 > 1000 | {first[0]} " in section and f"| {first[1]} " in section
-    change = downstream_change(shipped.load("local", "sequential_downstream")).set_index(["run", "task", "metric"])
-    for task, metric, label in [("lambada", "acc", "LAMBADA acc"), ("hellaswag", "acc_norm", "HellaSwag acc_norm"),
-                                ("piqa", "acc_norm", "PIQA acc_norm"), ("squad2", "f1", "SQuAD 2.0 F1")]:
-        cells = []
-        for run in ("hard", "normal"):
-            r = change.loc[(run, task, metric)]
-            cells.append(f"{r['first']:.2f} → {r['last']:.2f} ({r.change:.2f}, {r.change_low:.2f} to "
-                         f"{r.change_high:.2f})".replace("-", "−"))
-        assert f"| {label} | {cells[0]} | {cells[1]} |" in section
-    versus = papers.versus("llama2-7b", sequential=shipped.load("local", "sequential")).set_index(papers.KEY).ours
-    assert f"| **{versus[('sequential_ppl_end', 'rome', 'normal')]:,.0f}** (85 edits" in section
-    assert f"| {versus[('sequential_ppl_end', 'unedited', '')]:,.0f} |" in section
-
+    sequential, downstream = shipped.load("local", "sequential"), shipped.load("local", "sequential_downstream")
+    summary = sequential_summary(sequential, downstream)
+    lines = sequential_summary_lines(summary, EDITOR_LABELS, SEQUENTIAL_RUNS)
+    assert len(lines) == 2 * (2 + len(summary)) + 1  # every shipped run has its row in both tables
+    for line in lines:
+        assert line in section, line
+    versus = papers.versus("llama2-7b", sequential=sequential)
+    for line in papers.sequential_lines(versus, summary, EDITOR_LABELS):
+        assert line in section, line
+    unedited = versus.set_index(papers.KEY).ours[("sequential_ppl_end", "unedited", "")]
+    assert f"| {unedited:,.0f} |" in section
 
 
 def test_the_readme_safe_edit_findings_are_the_shipped_rows():

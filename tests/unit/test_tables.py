@@ -235,3 +235,35 @@ def test_downstream_change_is_paired_over_items_with_a_bootstrap_interval():
     same = downstream_change(pd.DataFrame([dict(base, step=0, value=0.5, items=[1, 0]),
                                            dict(base, step=9, value=0.5, items=[1, 0])]))
     assert (same.change_low.iloc[0], same.change_high.iloc[0]) == (0.0, 0.0)
+
+
+def test_a_runs_downstream_interval_does_not_depend_on_the_other_runs():
+    from editcollapse.results.tables import downstream_change
+
+    start, end = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 1, 0, 0, 1, 0]
+    one = [dict(editor="rome", run="hard", task="piqa", metric="acc", step=s, value=np.mean(v), items=v)
+           for s, v in [(0, start), (85, end)]]
+    other = [dict(r, editor="c-rome") for r in one]  # sorts first: takes the shared stream's first draws
+    alone = downstream_change(pd.DataFrame(one)).set_index("editor").loc["rome"]
+    beside = downstream_change(pd.DataFrame(other + one)).set_index("editor").loc["rome"]
+    assert (alone.change_low, alone.change_high) == (beside.change_low, beside.change_high)
+
+
+def test_sequential_summary_puts_each_runs_collapse_checkpoints_and_downstream_change_in_one_row():
+    from editcollapse.results.tables import sequential_summary, sequential_summary_lines
+
+    steps = seq_rows()
+    steps = steps[steps.model == "m"].assign(ppl_1000=lambda d: np.where(d.step.isin([0, 3]), d.ppl * 2, np.nan))
+    start, end = [1, 1, 0, 1], [0, 1, 0, 0]
+    downstream = pd.DataFrame([dict(editor="rome", run="hard", task="lambada", metric="acc", step=s, value=np.mean(v),
+                                    items=v) for s, v in [(0, start), (3, end)]])
+    summary = sequential_summary(steps, downstream)
+    hard = summary.loc[("rome", "hard")]
+    assert (hard.first_collapse_step, hard.ppl_1000_start, hard.ppl_1000_end, hard.ppl_1000_end_step) == (2, 200, 14000, 3)
+    assert (hard["lambada n"], hard["lambada first"], hard["lambada last"]) == (4, 0.75, 0.25)
+    assert math.isnan(summary.loc[("rome", "normal"), "lambada change"])  # no downstream rows for that run
+    lines = sequential_summary_lines(summary, {"rome": "ROME", "memit": "MEMIT"}, {"hard": "hard"})
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| ROME") or line.startswith("| MEMIT")] == \
+        ["| ROME, hard", "| MEMIT, hard", "| ROME, hard", "| MEMIT, hard"]  # the normal run is not asked for
+    assert "| ROME, hard | 3 | **2** | 7,000 (7,000) | 200 → 14,000 |" in "\n".join(lines)
+    assert "| ROME, hard | 0.75 → 0.25 (−0.50, " in "\n".join(lines)

@@ -153,3 +153,23 @@ def versus(model: str, single_edit: pd.DataFrame | None = None, second2first: pd
     paper = paper[paper.source.isin(sources)].assign(source=lambda t: t.paper + ", " + t.source)
     table = paper.merge(ours.rename(columns={"value": "ours"}), on=KEY, how="left")
     return table[KEY + ["ours", "value", "source"]].rename(columns={"value": "paper"})
+
+
+def sequential_lines(table: pd.DataFrame, steps: pd.DataFrame, labels: dict[str, str]) -> list[str]:
+    """The README's rows of `versus(..., sequential=...)` for the runs we have, in the order of `labels`
+    ({editor: label}): the paper's ME-PPL_1k after its 107 edits beside ours after `steps`' (`tables.
+    collapse_steps`) number of edits, with the step where ours first collapsed."""
+    from .tables import perplexity_text
+
+    rows = table.set_index(KEY)
+    out = []
+    for editor, label in labels.items():
+        for run, cases in (("hard", "HardCF"), ("normal", "normal")):
+            key = ("sequential_ppl_end", editor, run)
+            if key not in rows.index or pd.isna(rows.loc[key, "ours"]) or (editor, run) not in steps.index:
+                continue
+            s = steps.loc[(editor, run)]
+            when = "" if pd.isna(s.first_collapse_step) else f"; collapsed at step {int(s.first_collapse_step)}"
+            out.append(f"| ME-PPL_1k after {label}'s sequence of {cases} cases | {perplexity_text(rows.loc[key, 'paper'], 2, 1e4)} "
+                       f"(107 edits) | {perplexity_text(rows.loc[key, 'ours'])} ({int(s.steps)} edits{when}) |")
+    return out

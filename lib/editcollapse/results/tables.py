@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -213,10 +214,11 @@ def downstream_change(downstream: pd.DataFrame, n_boot: int = 2000, level: float
     """Each run's downstream score at its first and last measured step, and the change (last − first) with a
     paired bootstrap interval over the items (the same items at both steps: resampled together). Only metrics
     whose value is the mean of their per-item scores (accuracies, F1, exact match); one row per (editor, run,
-    task, metric) with n items."""
-    rng = np.random.default_rng(seed)
+    task, metric) with n items. Each group's bootstrap stream is seeded by `seed` and the group's names, so a
+    run's interval does not depend on which other runs are in `downstream`."""
     out = []
     for (editor, run, task, metric), g in downstream.groupby(["editor", "run", "task", "metric"]):
+        rng = np.random.default_rng([seed, zlib.crc32(f"{editor}/{run}/{task}/{metric}".encode())])
         first, last = g.loc[g.step.idxmin()], g.loc[g.step.idxmax()]
         a, b = np.asarray(first["items"], dtype=float), np.asarray(last["items"], dtype=float)
         if first.step == last.step or len(a) != len(b) or not (np.isclose(a.mean(), first.value)
@@ -229,3 +231,75 @@ def downstream_change(downstream: pd.DataFrame, n_boot: int = 2000, level: float
                         step_last=int(last.step), first=float(first.value), last=float(last.value),
                         change=float(last.value - first.value), change_low=float(lo), change_high=float(hi)))
     return pd.DataFrame(out)
+
+
+EDITOR_LABELS = {"rome": "ROME", "c-rome": "C-ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit", "ft-linf": "FT-L∞",
+                 "mend": "MEND"}
+SEQUENTIAL_RUNS = {"hard": "HardCF", "normal": "normal", "random": "random order"}
+SEQUENTIAL_TASKS = (("lambada", "acc", "LAMBADA acc"), ("hellaswag", "acc_norm", "HellaSwag acc_norm"),
+                    ("piqa", "acc_norm", "PIQA acc_norm"), ("squad2", "f1", "SQuAD 2.0 F1"))
+
+
+def sequential_summary(rows: pd.DataFrame, downstream: pd.DataFrame, checkpoint_size: int = 1000,
+                       threshold: float = COLLAPSE_THRESHOLD) -> pd.DataFrame:
+    """Per (editor, run) of sequential runs: `collapse_steps`, ME-PPL_<checkpoint_size> at the first and last
+    step that measured it, and per task of SEQUENTIAL_TASKS the `downstream_change` (first, last, change and
+    its 95 % paired-bootstrap interval, n items) as columns "<task> <column>"."""
+    out = collapse_steps(rows, threshold)
+    checkpoints = checkpoint_table(rows, checkpoint_size)
+    if len(checkpoints):
+        out[f"ppl_{checkpoint_size}_start"] = checkpoints.apply(lambda r: r.dropna().iloc[0], axis=1)
+        out[f"ppl_{checkpoint_size}_end"] = checkpoints.apply(lambda r: r.dropna().iloc[-1], axis=1)
+        out[f"ppl_{checkpoint_size}_end_step"] = checkpoints.apply(lambda r: r.dropna().index[-1], axis=1)
+    change = downstream_change(downstream) if len(downstream) else pd.DataFrame()
+    for task, metric, _ in SEQUENTIAL_TASKS:
+        if change.empty:
+            break
+        c = change[(change.task == task) & (change.metric == metric)].set_index(["editor", "run"])
+        for column in ("n", "first", "last", "change", "change_low", "change_high"):
+            out[f"{task} {column}"] = c[column].reindex(out.index)
+    return out
+
+
+def perplexity_text(x: float, decimals: int = 1, below: float = 1e5) -> str:
+    """A perplexity as the README writes it: 1,114 below `below`, 6.0 × 10¹⁰ from there (`decimals`)."""
+    if not math.isfinite(x) or x < below:
+        return f"{x:,.0f}" if x >= 1000 or decimals == 1 else f"{x:.{decimals + 1}g}"
+    exponent = int(math.floor(math.log10(x)))
+    return (f"{x / 10 ** exponent:.{decimals}f} × 10"
+            f"{str(exponent).translate(str.maketrans('0123456789', '⁰¹²³⁴⁵⁶⁷⁸⁹'))}")
+
+
+def _number(x: float) -> str:
+    """2.85 below 100, 13,883 from there."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+
+def sequential_summary_lines(summary: pd.DataFrame, labels: dict[str, str], runs: dict[str, str],
+                             checkpoint_size: int = 1000) -> list[str]:
+    """The README's two tables of `sequential_summary`, one row per (editor, run) in the order of `labels`
+    ({editor: label}) and `runs` ({run: label}): perplexity and weights, then the downstream changes."""
+    keys = [(e, r) for e in labels for r in runs if (e, r) in summary.index]
+    ppl = [f"| sequence | edits | first step with ME-PPL_50 > {COLLAPSE_THRESHOLD:,.0f} | ME-PPL_50 at the end (largest) "
+           f"| ME-PPL_{checkpoint_size // 1000}k, first → last | ‖W − W₀‖/‖W₀‖ | condition number × |",
+           "|---|---|---|---|---|---|---|"]
+    tasks = ["| sequence | " + " | ".join(label for _, _, label in SEQUENTIAL_TASKS) + " |",
+             "|---|" + "---|" * len(SEQUENTIAL_TASKS)]
+    for editor, run in keys:
+        r = summary.loc[(editor, run)]
+        name = f"{labels[editor]}, {runs[run]}"
+        first = "never" if math.isnan(r.first_collapse_step) else f"**{int(r.first_collapse_step)}**"
+        checkpoint = (f"{perplexity_text(r[f'ppl_{checkpoint_size}_start'])} → {perplexity_text(r[f'ppl_{checkpoint_size}_end'])}"
+                      if f"ppl_{checkpoint_size}_start" in r else "")
+        refused = f" ({int(r.refused)} refused)" if r.refused else ""
+        ppl.append(f"| {name} | {int(r.steps)}{refused} | {first} | {perplexity_text(r.ppl_end)} ({perplexity_text(r.ppl_max)}) | "
+                   f"{checkpoint} | {_number(r.cum_rel_change_end)} | {_number(r.cond_ratio_end)} |")
+        cells = []
+        for task, _, _ in SEQUENTIAL_TASKS:
+            if f"{task} change" not in r or pd.isna(r[f"{task} change"]):
+                cells.append("")
+                continue
+            cells.append(f"{r[f'{task} first']:.2f} → {r[f'{task} last']:.2f} ({r[f'{task} change']:+.2f}, "
+                         f"{r[f'{task} change_low']:.2f} to {r[f'{task} change_high']:.2f})".replace("-", "−"))
+        tasks.append(f"| {name} | " + " | ".join(cells) + " |")
+    return ppl + [""] + tasks

@@ -1,0 +1,211 @@
+"""Notebook 07: do the Fall-of-ROME findings hold across model sizes? One study per model, then one table.
+
+Per model (`model_study`):
+- ROME on every CounterFact case whose subject is the prompt's first token (up to `n_first_token`) and on
+  `n_random` random cases (`edit_samples`: the same nested samples as notebook 02, whose rows are reused);
+- C-ROME bare and behind a test-time prefix on ROME's collapse cases;
+- the guard on ROME's measured edits: threshold calibrated on this model's calibration half (`guard.assess`), and
+  a reference model's calibrated threshold applied as it is, both judged on the same held-out half;
+- HardCF's size, estimated as every first-token collapse (all of them edited) plus the random sample's rate of
+  collapse among the other cases times their number in CounterFact (Wilson interval).
+
+`cross_model_table` gives one row per model; `cross_model_lines` the README's table with each number's n, the
+papers' GPT-2-XL / GPT-J-6B / Llama-2-7b beside them (`results.papers`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .. import data, guard
+from ..editors import ROME
+from ..eval.perplexity import me_ppl
+from ..experiments.single import edit_samples, results_store, sample_rows, sweep_samples
+from ..models.loading import LoadedModel
+from ..results import papers
+from ..results.labels import is_collapsed
+from ..results.tables import perplexity_text, wilson_interval
+
+EDITORS = ("rome", "c-rome", "c-rome-prefix")
+
+
+@dataclass
+class ModelStudy:
+    """One model's rows (`rows`: ROME on every sampled case, C-ROME bare and prefixed on ROME's collapse cases,
+    with `sample` and `case`, ROME's label), its unedited ME-PPL, its guard metrics (`guard`: own / transferred,
+    each `guard.evaluate` of the held-out half plus the threshold) and its CounterFact counts."""
+
+    model: str
+    bos: bool
+    ppl_original: float
+    ppl_size: int
+    rows: pd.DataFrame
+    guard: dict
+    n_counterfact: int
+    n_first_available: int
+
+    def rome(self) -> pd.DataFrame:
+        return self.rows[(self.rows.editor == "rome") & self.rows.error.isna()]
+
+
+def model_study(lm: LoadedModel, results_dir: str, n_random: int, n_first_token: int | None = None,
+                ppl_size: int = 50, seed: int = 0, reference: str = "smollm2-135m") -> ModelStudy:
+    """The edits, labels and guard of one model (edits already in the results store are reused)."""
+    cf = data.load_counterfact()
+    store = results_store(results_dir, "single_edit")
+    original = me_ppl(lm, ppl_size, progress=False)["mean"]
+    samples = edit_samples(lm, n_random, 0, len(cf) if n_first_token is None else n_first_token, 0, seed)
+    n_first = len(edit_samples(lm, 0, 0, len(cf), 0, seed).get("first-token", []))
+    sweep_samples(lm, ["rome"], samples, store, ppl_size, ppl_original=original)
+    rows = _labelled(sample_rows(store, lm.spec.name, ["rome"], samples, ppl_size), original)
+    collapse = {"collapse": [c for c in cf if c["case_id"] in set(rows[rows.case == "collapse"].case_id)]}
+    if collapse["collapse"]:
+        sweep_samples(lm, EDITORS[1:], collapse, store, ppl_size, ppl_original=original)
+    rows = _labelled(sample_rows(store, lm.spec.name, EDITORS, samples, ppl_size), original)
+    return ModelStudy(lm.spec.name, bool(lm.spec.prepend_bos), original, ppl_size, rows,
+                      guard_transfer(lm, rows, reference), len(cf), n_first)
+
+
+def _labelled(rows: pd.DataFrame, original: float) -> pd.DataFrame:
+    """Rows with `collapsed` (`labels.is_collapsed`, 2× the unedited) and `case`: ROME's label of the case."""
+    if rows.empty:
+        return rows.assign(collapsed=pd.Series(dtype=bool), case=pd.Series(dtype=object))
+    ok = rows.ppl.notna()
+    rows = rows.assign(collapsed=False)
+    rows.loc[ok, "collapsed"] = is_collapsed(rows.ppl[ok].astype(float), ppl_original=original)
+    rome = rows[(rows.editor == "rome") & ok]
+    label = dict(zip(rome.case_id, np.where(rome.collapsed, "collapse", "normal")))
+    return rows.assign(case=rows.case_id.map(label))
+
+
+def guard_transfer(lm: LoadedModel, rows: pd.DataFrame, reference: str = "smollm2-135m") -> dict:
+    """The guard on the model's measured ROME edits: "own" (threshold calibrated on this model's calibration half)
+    and "transferred" (`reference`'s calibrated threshold, `guard.THRESHOLDS`), both on the held-out half; AUROC
+    does not depend on the threshold, precision and recall do. Empty when there are no ROME edits."""
+    rome = rows[(rows.editor == "rome") & rows.error.isna()].drop_duplicates("case_id")
+    if rome.empty:
+        return {}
+    lab, res = guard.assess(lm, rome, ROME())
+    test = lab[~lab.calibration]
+    transferred = guard.THRESHOLDS[(reference, False)]
+    return dict(own=dict(res["held_out"], threshold=res["threshold"], calibrated=res["calibrated"]),
+                transferred=dict(guard.evaluate(test.score, test.label, transferred), threshold=transferred,
+                                 reference=reference),
+                features=res["features"])
+
+
+def hardcf_estimate(study: ModelStudy) -> dict:
+    """HardCF's size: the first-token collapses (exact where every first-token case was edited) plus the random
+    sample's collapse rate among its other cases times their number in CounterFact, with the rate's Wilson
+    interval carried through."""
+    rome = study.rome()
+    first = rome[rome["sample"] == "first-token"].drop_duplicates("case_id")
+    other = rome[(rome["sample"] == "random") & ~rome.first_token.astype(bool)].drop_duplicates("case_id")
+    k, n = int(other.collapsed.sum()), len(other)
+    lo, hi = wilson_interval(k, n)
+    rest = study.n_counterfact - study.n_first_available
+    exact = int(first.collapsed.sum())
+    return dict(first_edited=len(first), first_available=study.n_first_available, first_collapse=exact,
+                other_n=n, other_collapse=k, estimate=exact + (k / n if n else np.nan) * rest,
+                low=exact + lo * rest, high=exact + hi * rest, complete=len(first) == study.n_first_available)
+
+
+def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
+    """One row per model: first-token collapse rate with its Wilson interval and n, median normalised
+    denominators of collapse and normal ROME edits with n, C-ROME's largest ME-PPL on ROME's collapse cases
+    (bare; and its prefixed efficacy), the guard's held-out AUROC / recall / precision with its own threshold
+    and with the reference's, and the HardCF estimate."""
+    out = []
+    for s in studies:
+        rome = s.rome()
+        first = rome[rome["sample"] == "first-token"].drop_duplicates("case_id")
+        k, n = int(first.collapsed.sum()), len(first)
+        lo, hi = wilson_interval(k, n)
+        den = rome.drop_duplicates("case_id").groupby("case").denominator
+        crome = s.rows[(s.rows.editor == "c-rome") & (s.rows.case == "collapse") & s.rows.error.isna()]
+        prefix = s.rows[(s.rows.editor == "c-rome-prefix") & (s.rows.case == "collapse") & s.rows.error.isna()]
+        g = s.guard or {}
+        row = dict(model=s.model, bos=s.bos, ppl_original=s.ppl_original, first_n=n, first_collapse=k,
+                   first_rate=k / n if n else np.nan, first_rate_lo=lo, first_rate_hi=hi,
+                   den_collapse=den.median().get("collapse", np.nan), den_collapse_n=int(den.size().get("collapse", 0)),
+                   den_normal=den.median().get("normal", np.nan), den_normal_n=int(den.size().get("normal", 0)),
+                   crome_n=len(crome), crome_max_ppl=crome.ppl.max() if len(crome) else np.nan,
+                   crome_efficacy=crome.efficacy.mean() if len(crome) else np.nan,
+                   crome_prefixed_efficacy=(prefix.prefixed_efficacy.mean() if len(prefix) and "prefixed_efficacy"
+                                            in prefix else np.nan))
+        for which in ("own", "transferred"):
+            m = g.get(which, {})
+            row.update({f"guard_{which}_{k2}": m.get(k2, np.nan) for k2 in ("n", "collapse", "auroc", "recall",
+                                                                            "precision", "threshold")})
+        row.update({f"hardcf_{k2}": v for k2, v in hardcf_estimate(s).items()})
+        out.append(row)
+    return pd.DataFrame(out).set_index("model")
+
+
+PAPER_MODELS = {"gpt2-xl": "GPT-2-XL (paper)", "gpt-j-6b": "GPT-J-6B (paper)", "llama2-7b": "Llama-2-7b (paper)"}
+
+
+def cross_model_lines(table: pd.DataFrame, labels: dict[str, str] | None = None) -> list[str]:
+    """The README's cross-model table: our models (`labels`: {model: label}) with n on every number, then the
+    papers' models with what the papers report (median denominators, C-ROME's largest ME-PPL, HardCF size)."""
+    labels = labels or {m: m for m in table.index}
+    head = ["| model | BOS | first-token cases that collapse | median denominator, collapse / normal | "
+            "C-ROME's largest ME-PPL (unedited) | guard AUROC, held out | recall / precision: own threshold, "
+            "transferred | HardCF size |",
+            "|---|---|---|---|---|---|---|---|"]
+    out = []
+    for model, label in labels.items():
+        if model not in table.index:
+            continue
+        r = table.loc[model]
+        hard = (f"{r.hardcf_first_collapse} (all {int(r.hardcf_first_edited)} first-token cases edited)"
+                if r.hardcf_other_n == 0 else
+                f"{r.hardcf_estimate:,.0f} ({r.hardcf_low:,.0f}–{r.hardcf_high:,.0f}; estimated)")
+        if not r.hardcf_complete:
+            hard += f", {int(r.hardcf_first_edited)} of {int(r.hardcf_first_available)} first-token cases edited"
+        out.append(
+            f"| {label} | {'yes' if r.bos else 'no'} | {int(r.first_collapse)} of {int(r.first_n)} "
+            f"({r.first_rate:.0%}, {r.first_rate_lo:.0%}–{r.first_rate_hi:.0%}) | {r.den_collapse:.2f} (n {r.den_collapse_n}) / "
+            f"{r.den_normal:.2f} (n {r.den_normal_n}) | {perplexity_text(r.crome_max_ppl, 2, 1e4)} "
+            f"(n {r.crome_n}; {perplexity_text(r.ppl_original, 2, 1e4)}) | {r.guard_own_auroc:.2f} "
+            f"(n {_int(r.guard_own_n)}, {_int(r.guard_own_collapse)} collapse) | {r.guard_own_recall:.2f} / "
+            f"{r.guard_own_precision:.2f}, {r.guard_transferred_recall:.2f} / {r.guard_transferred_precision:.2f} | "
+            f"{hard} |".replace("nan", "–"))
+    for model, label in PAPER_MODELS.items():
+        ref = papers.reference(model).set_index(papers.KEY).value
+        get = lambda q, e, c: ref.get((q, e, c), np.nan)  # noqa: E731
+        out.append(f"| {label} | {'yes' if model == 'llama2-7b' else 'no'} | | "
+                   f"{get('median_denominator', 'rome', 'collapse'):.2f} / {get('median_denominator', 'rome', 'normal'):.2f} | "
+                   f"{get('max_ppl', 'c-rome', 'collapse'):.2f} ({get('max_ppl', 'unedited', ''):.2f}) | | | "
+                   f"{get('hardcf_size', 'rome', 'collapse'):.0f} |")
+    return head + out
+
+
+def _int(x) -> str:
+    return "–" if pd.isna(x) else f"{int(x)}"
+
+
+def figures(studies: list[ModelStudy], norms: pd.DataFrame):
+    """07_scale.png: ROME's normalised denominator per model, collapse against normal (log scale), and the key
+    norm per position over its model's median at positions ≥ 2 (`crome.relative_norms`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from ..paths import figures_dir
+
+    rome = pd.concat([s.rome().drop_duplicates("case_id").assign(model=s.model) for s in studies], ignore_index=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    if len(rome):
+        sns.stripplot(data=rome, x="model", y="denominator", hue="case", hue_order=["collapse", "normal"], dodge=True,
+                      ax=axes[0], alpha=0.7, size=4)
+    axes[0].set(yscale="log", xlabel="", ylabel="(u/‖u‖)ᵀk^u", title="ROME's denominator, by ROME's outcome")
+    if len(norms):
+        sns.lineplot(data=norms[norms.position < 16], x="position", y="key_rel", hue="model", marker="o", ax=axes[1],
+                     errorbar=None)
+    axes[1].set(yscale="log", ylabel="‖key‖ / median at positions ≥ 2", xlabel="position (−1: BOS)",
+                title="Key norms at ROME's layer, per position")
+    fig.tight_layout()
+    fig.savefig(figures_dir() / "07_scale.png", dpi=150)
+    return fig
