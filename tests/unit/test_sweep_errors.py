@@ -82,3 +82,11 @@ def test_retry_errors_edits_error_rows_again(tiny_models, tmp_path, cases):
     assert hardcf.sweep_missing(lm, "rome", cases[1:2], store, results_dir=tmp_path, retry_errors=True, **SWEEP) == 1
     rows = store.read()
     assert len(rows) == 2 and rows.error.isna().all() and (rows.ppl > 0).all()
+
+
+def test_a_sweep_reports_what_it_did_and_stays_quiet_when_everything_was_stored(tiny_models, tmp_path, cases, capsys):
+    lm = tiny_models("tiny-llama")
+    first = single_edit_sweep(lm, "rome", cases[:1], results_store(tmp_path, "single_edit"), **SWEEP)
+    assert first["stored"] == 1 and "1 cases, 0 done before, 1 stored now" in capsys.readouterr().out
+    again = single_edit_sweep(lm, "rome", cases[:1], results_store(tmp_path, "single_edit"), **SWEEP)
+    assert (again["done_before"], again["stored"]) == (1, 0) and "done before" not in capsys.readouterr().out

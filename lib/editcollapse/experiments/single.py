@@ -128,7 +128,8 @@ def single_edit_row(lm: LoadedModel, editor, case: dict, ppl_size: int = 50, ppl
 def single_edit_sweep(lm: LoadedModel, editor_name: str, cases: list[dict], store: ResultStore,
                       experiment: str = "single_edit", ppl_size: int = 50, ppl_original: float | None = None,
                       editor_kwargs: dict | None = None, retry_errors: bool = False) -> dict:
-    """`single_edit_row` for every case not yet in `store` (tqdm bar with ETA); returns a summary, also printed.
+    """`single_edit_row` for every case not yet in `store` (tqdm bar with ETA); returns a summary, also printed
+    unless every case was in the store already.
 
     A refused edit is stored as a row with `error` set; a rerun keeps it, unless `retry_errors`: then the case
     is edited again and its new row supersedes the error row. A `FailedEdit` is not stored: the sweep goes on,
@@ -158,6 +159,8 @@ def single_edit_sweep(lm: LoadedModel, editor_name: str, cases: list[dict], stor
         errors = len(keys & (store.done() - store.done(include_errors=False)))
     summary = dict(cases=len(cases), done_before=len(cases) - len(pending), stored=stored,
                    retried=len(pending & before), error_rows=errors, failed=len(failures), failures=failures)
+    if not pending:  # everything was in the store: nothing to report (a rerun of a notebook stays quiet)
+        return summary
     first = "; ".join(f"case {f['case_id']}: {f['error'][:120]}" for f in failures[:3])
     again = f"{summary['retried']} of them edited again" if retry_errors else "retry_errors=True edits them again"
     tqdm.write(f"{label}: {len(cases)} cases, {summary['done_before']} done before, {stored} stored now; {errors} "
