@@ -47,5 +47,14 @@ def test_the_cross_model_table_has_each_number_with_its_n():
     assert lines[2].startswith("| M-135M | no | 4 of 10 (40%, ") and "| 0.90 (n 15, 3 collapse) | 1.00 / 0.50, 0.67 / 1.00 |" in lines[2]
     assert "| 0.01 (n 5) / 8.00 (n 25) | 133 (n 5; 100) |" in lines[2]
     assert lines[3].startswith("| B | yes |") and "| – (n –, – collapse) |" in lines[3]
+    assert lines[2].endswith("| 57 (13–250; estimated from 19 random cases) |")
     assert lines[-3] == "| GPT-2-XL (paper) | no | | 0.04 / 9.60 | 70.71 (68.77) | | | 77 |"
     assert len(lines) == 2 + 2 + 3
+
+
+def test_a_shipped_hardcf_is_given_before_the_samples_estimate():
+    table = scale.cross_model_table([study("smollm2-135m")])
+    assert table.loc["smollm2-135m"].hardcf_shipped == 85  # data/hardcf/smollm2-135m.summary.json
+    line = scale.cross_model_lines(table)[2]
+    assert line.endswith("| 85 (the guard's screen of all 21,919, confirmed by edits); this sample: 57 (13–250; "
+                         "estimated from 19 random cases) |")

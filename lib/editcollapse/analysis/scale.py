@@ -25,6 +25,7 @@ from ..eval.perplexity import me_ppl
 from ..experiments.single import edit_samples, results_store, sample_rows, sweep_samples
 from ..models.loading import LoadedModel
 from ..results import papers
+from .crome_report import hardcf_summary
 from ..results.labels import is_collapsed
 from ..results.tables import perplexity_text, wilson_interval
 
@@ -116,7 +117,8 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
     """One row per model: first-token collapse rate with its Wilson interval and n, median normalised
     denominators of collapse and normal ROME edits with n, C-ROME's largest ME-PPL on ROME's collapse cases
     (bare; and its prefixed efficacy), the guard's held-out AUROC / recall / precision with its own threshold
-    and with the reference's, and the HardCF estimate."""
+    and with the reference's, the HardCF estimate, and the size of the model's shipped HardCF where one ships
+    (`data/hardcf/<model>.summary.json`: a screen of all of CounterFact, confirmed by edits)."""
     out = []
     for s in studies:
         rome = s.rome()
@@ -140,6 +142,9 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
             row.update({f"guard_{which}_{k2}": m.get(k2, np.nan) for k2 in ("n", "collapse", "auroc", "recall",
                                                                             "precision", "threshold")})
         row.update({f"hardcf_{k2}": v for k2, v in hardcf_estimate(s).items()})
+        shipped = hardcf_summary(s.model)  # a screen of all of CounterFact, confirmed by edits (notebook 04)
+        row.update(hardcf_shipped=shipped.get("hardcf_size", np.nan) if shipped else np.nan,
+                   hardcf_screened=shipped.get("screened", np.nan) if shipped else np.nan)
         out.append(row)
     return pd.DataFrame(out).set_index("model")
 
@@ -160,11 +165,13 @@ def cross_model_lines(table: pd.DataFrame, labels: dict[str, str] | None = None)
         if model not in table.index:
             continue
         r = table.loc[model]
-        hard = (f"{r.hardcf_first_collapse} (all {int(r.hardcf_first_edited)} first-token cases edited)"
-                if r.hardcf_other_n == 0 else
-                f"{r.hardcf_estimate:,.0f} ({r.hardcf_low:,.0f}–{r.hardcf_high:,.0f}; estimated)")
-        if not r.hardcf_complete:
-            hard += f", {int(r.hardcf_first_edited)} of {int(r.hardcf_first_available)} first-token cases edited"
+        hard = (f"{r.hardcf_estimate:,.0f} ({r.hardcf_low:,.0f}–{r.hardcf_high:,.0f}; estimated from "
+                f"{int(r.hardcf_other_n)} random cases")
+        hard += ")" if r.hardcf_complete else (f", {int(r.hardcf_first_edited)} of {int(r.hardcf_first_available)} "
+                                               "first-token cases edited)")
+        if not pd.isna(r.hardcf_shipped):
+            hard = (f"{int(r.hardcf_shipped)} (the guard's screen of all {int(r.hardcf_screened):,}, confirmed by "
+                    f"edits); this sample: {hard}")
         out.append(
             f"| {label} | {'yes' if r.bos else 'no'} | {int(r.first_collapse)} of {int(r.first_n)} "
             f"({r.first_rate:.0%}, {r.first_rate_lo:.0%}–{r.first_rate_hi:.0%}) | {r.den_collapse:.2f} (n {r.den_collapse_n}) / "
