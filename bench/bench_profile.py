@@ -244,10 +244,11 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
             plan.downstream(nb, f"{editor} downstream at the last step", 2, p["downstream_tasks"], p["n_downstream"])
     if p := params.get("07_scale"):
         nb = "07"
+        from editcollapse.analysis.scale import sample_sizes
         from editcollapse.models.loading import get_spec
 
         for m in p["models"]:
-            sizes = dict(dict(n_random=p["n_random"], max_first_token=p["max_first_token"]), **p["model_sizes"].get(m, {}))
+            sizes = sample_sizes(m, p["n_random"], p["max_first_token"], p["model_sizes"])
             n_first = first_token(m, sizes["max_first_token"] or FIRST_TOKEN_GUESS)
             plan.add(nb, f"ME-PPL_{p['n_ppl']} of the unedited {m}", 1, plan.ppl(p["n_ppl"], m))
             plan.single(nb, m, "rome", "random", sizes["n_random"], p["n_ppl"])

@@ -26,7 +26,7 @@ from ..hardcases.hardedit import load_hardedit
 from ..models.loading import LoadedModel
 from ..paths import in_repo
 from ..results.query import select
-from ..results.tables import mean_interval, single_edit_table, wilson_interval
+from ..results.tables import mean_interval, number_text, single_edit_table, wilson_interval
 
 # the scores of the study: the papers' token accuracies (EasyEdit) and ROME's probability comparisons
 SCORES = ("efficacy_acc", "generalization_acc", "locality_acc", "efficacy_prob", "generalization_prob",
@@ -185,8 +185,8 @@ def single_table(rows: pd.DataFrame, ppl_original: float, split: str | None = "t
 
 
 def _ratio(x: float) -> str:
-    """A perplexity ratio as the README writes it: 1.97×, or 182,390× from 100 on."""
-    return f"{x:,.0f}×" if x >= 100 else f"{x:.2f}×"
+    """A perplexity ratio as the README writes it: 1.97×, or 182,390× from 100 on (`tables.number_text`)."""
+    return f"{number_text(x)}×"
 
 
 def readme_rows(single: pd.DataFrame, editor: str, labels: dict[str, str]) -> list[str]:

@@ -51,6 +51,11 @@ class ModelStudy:
         return self.rows[(self.rows.editor == "rome") & self.rows.error.isna()]
 
 
+def sample_sizes(model: str, n_random: int, max_first_token: int | None, model_sizes: dict) -> dict:
+    """The notebook's n_random and max_first_token, replaced by `model_sizes[model]`'s where it gives them."""
+    return dict(dict(n_random=n_random, max_first_token=max_first_token), **model_sizes.get(model, {}))
+
+
 def model_study(lm: LoadedModel, results_dir: str, n_random: int, n_first_token: int | None = None,
                 ppl_size: int = 50, seed: int = 0, reference: str = "smollm2-135m") -> ModelStudy:
     """The edits, labels and guard of one model (edits already in the results store are reused)."""
@@ -121,9 +126,8 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
     (`data/hardcf/<model>.summary.json`: a screen of all of CounterFact, confirmed by edits)."""
     out = []
     for s in studies:
-        rome = s.rome()
-        first = rome[rome["sample"] == "first-token"].drop_duplicates("case_id")
-        k, n = int(first.collapsed.sum()), len(first)
+        rome, estimate = s.rome(), hardcf_estimate(s)
+        k, n = estimate["first_collapse"], estimate["first_edited"]
         lo, hi = wilson_interval(k, n)
         den = rome.drop_duplicates("case_id").groupby("case").denominator
         crome = s.rows[(s.rows.editor == "c-rome") & (s.rows.case == "collapse") & s.rows.error.isna()]
@@ -141,7 +145,7 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
             m = g.get(which, {})
             row.update({f"guard_{which}_{k2}": m.get(k2, np.nan) for k2 in ("n", "collapse", "auroc", "recall",
                                                                             "precision", "threshold")})
-        row.update({f"hardcf_{k2}": v for k2, v in hardcf_estimate(s).items()})
+        row.update({f"hardcf_{k2}": v for k2, v in estimate.items()})
         shipped = hardcf_summary(s.model)  # a screen of all of CounterFact, confirmed by edits (notebook 04)
         row.update(hardcf_shipped=shipped.get("hardcf_size", np.nan) if shipped else np.nan,
                    hardcf_screened=shipped.get("screened", np.nan) if shipped else np.nan)

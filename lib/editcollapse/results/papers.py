@@ -15,6 +15,7 @@ import pandas as pd
 
 from .labels import COLLAPSE_THRESHOLD, is_collapsed
 from .query import select
+from .tables import perplexity_text
 
 BUTTERFLY = "Butterfly Effect (ACL 2024 Findings)"
 FALL = "Fall of ROME (EMNLP 2024 Findings)"
@@ -159,8 +160,6 @@ def sequential_lines(table: pd.DataFrame, steps: pd.DataFrame, labels: dict[str,
     """The README's rows of `versus(..., sequential=...)` for the runs we have, in the order of `labels`
     ({editor: label}): the paper's ME-PPL_1k after its 107 edits beside ours after `steps`' (`tables.
     collapse_steps`) number of edits, with the step where ours first collapsed."""
-    from .tables import perplexity_text
-
     rows = table.set_index(KEY)
     out = []
     for editor, label in labels.items():

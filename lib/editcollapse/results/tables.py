@@ -270,8 +270,8 @@ def perplexity_text(x: float, decimals: int = 1, below: float = 1e5) -> str:
             f"{str(exponent).translate(str.maketrans('0123456789', '⁰¹²³⁴⁵⁶⁷⁸⁹'))}")
 
 
-def _number(x: float) -> str:
-    """2.85 below 100, 13,883 from there."""
+def number_text(x: float) -> str:
+    """A ratio or relative change as the README writes it: 2.85 below 100, 13,883 from there."""
     return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
 
 
@@ -293,7 +293,7 @@ def sequential_summary_lines(summary: pd.DataFrame, labels: dict[str, str], runs
                       if f"ppl_{checkpoint_size}_start" in r else "")
         refused = f" ({int(r.refused)} refused)" if r.refused else ""
         ppl.append(f"| {name} | {int(r.steps)}{refused} | {first} | {perplexity_text(r.ppl_end)} ({perplexity_text(r.ppl_max)}) | "
-                   f"{checkpoint} | {_number(r.cum_rel_change_end)} | {_number(r.cond_ratio_end)} |")
+                   f"{checkpoint} | {number_text(r.cum_rel_change_end)} | {number_text(r.cond_ratio_end)} |")
         cells = []
         for task, _, _ in SEQUENTIAL_TASKS:
             if f"{task} change" not in r or pd.isna(r[f"{task} change"]):
