@@ -66,7 +66,8 @@ def model_study(lm: LoadedModel, results_dir: str, n_random: int, n_first_token:
     n_first = len(edit_samples(lm, 0, 0, len(cf), 0, seed).get("first-token", []))
     sweep_samples(lm, ["rome"], samples, store, ppl_size, ppl_original=original)
     rows = _labelled(sample_rows(store, lm.spec.name, ["rome"], samples, ppl_size), original)
-    collapse = {"collapse": [c for c in cf if c["case_id"] in set(rows[rows.case == "collapse"].case_id)]}
+    collapsed_ids = set(rows[rows.case == "collapse"].case_id)
+    collapse = {"collapse": [c for c in cf if c["case_id"] in collapsed_ids]}
     if collapse["collapse"]:
         sweep_samples(lm, EDITORS[1:], collapse, store, ppl_size, ppl_original=original)
     rows = _labelled(sample_rows(store, lm.spec.name, EDITORS, samples, ppl_size), original)
