@@ -16,7 +16,7 @@ items per task; minutes, and only meaningful on an idle machine). `--write-units
 
 Counts follow the notebooks: single-edit samples are nested (same seed), so a notebook pays only for the edits
 that an earlier one of the same profile has not stored (e.g. notebook 02 reuses notebook 01's ROME edits).
-Small parts (figures, guard screening, HardEdit's offline generation, Second2First on tiny-gpt2) are left out;
+Small parts (figures, the CLI's guard screening, HardEdit's offline generation, Second2First on tiny-gpt2) are left out;
 MEND's training is not counted (`make train-mend`, once per model). The first-token sample is capped at the
 number of first-token cases CounterFact has for the model, where data/hardcf/<model>.summary.json records it.
 """
@@ -97,7 +97,7 @@ def measure_units(params: dict[str, dict], steps: int = 1, n_items: int = 5) -> 
         units["downstream_item"][task] = seconds(lambda: evaluate_all(lm, tasks=[task], n=n_items, seed=0)) / n_items
         print(f"  downstream {task}: {units['downstream_item'][task]:.2f} s per item", flush=True)
     defaults = json.loads(UNITS.read_text())
-    for key in ("downstream_full", "model_factor", "c_keys_per_s"):
+    for key in ("downstream_full", "model_factor", "c_keys_per_s", "screen_case"):
         units[key] = defaults[key]
     return units
 
@@ -248,7 +248,8 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
         from editcollapse.models.loading import get_spec
 
         for m in p["models"]:
-            sizes = sample_sizes(m, p["n_random"], p["max_first_token"], p["model_sizes"])
+            sizes = sample_sizes(m, p["model_sizes"], n_random=p["n_random"], max_first_token=p["max_first_token"],
+                                 n_screen=p.get("n_screen", 0), n_confirm=p.get("n_confirm"))
             n_first = first_token(m, sizes["max_first_token"] or FIRST_TOKEN_GUESS)
             plan.add(nb, f"ME-PPL_{p['n_ppl']} of the unedited {m}", 1, plan.ppl(p["n_ppl"], m))
             plan.single(nb, m, "rome", "random", sizes["n_random"], p["n_ppl"])
@@ -256,6 +257,12 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
             collapse = 0 if get_spec(m).prepend_bos else n_first  # no BOS: most first-token cases collapse
             for editor in ("c-rome", "c-rome-prefix"):
                 plan.single(nb, m, editor, "first-token", collapse, p["n_ppl"])
+            if sizes["n_screen"]:  # keys of every first-token case and the random sample, then the confirming edits
+                n_all_first = first_token(m, FIRST_TOKEN_GUESS)
+                plan.add(nb, f"guard screen of {m}: keys", sizes["n_screen"] + n_all_first,
+                         units.get("screen_case", 0.055) * plan.factor(m))
+                confirm = (sizes["n_confirm"] if sizes["n_confirm"] is not None else n_all_first) + p.get("n_margin", 0)
+                plan.single(nb, m, "rome", "screen", confirm, p["n_ppl"])
     return plan
 
 

@@ -214,16 +214,22 @@ def _settings_grid(known: dict[str, list[str]], default: str) -> Check:
     return check
 
 
+MODEL_SIZES = {"n_random": (1, False), "max_first_token": (1, True), "n_screen": (0, False), "n_confirm": (0, True)}
+
+
 def _model_sizes(models) -> Check:
-    """{model: {n_random: int >= 1, max_first_token: int >= 1 or null}}: sizes that replace the notebook's for
-    those models (a large model gets a smaller sample)."""
+    """{model: {n_random: int >= 1, max_first_token: int >= 1 or null, n_screen: int >= 0, n_confirm: int >= 0 or
+    null}}: sizes that replace the notebook's for those models (a large model gets a smaller sample)."""
+    def fits(k, n):
+        low, nullable = MODEL_SIZES[k]
+        return (_is_int(n) and n >= low) or (n is None and nullable)
+
     def check(value):
         ok = isinstance(value, dict) and all(
-            m in models and isinstance(v, dict) and set(v) <= {"n_random", "max_first_token"}
-            and all((_is_int(n) and n >= 1) or (n is None and k == "max_first_token") for k, n in v.items())
+            m in models and isinstance(v, dict) and set(v) <= set(MODEL_SIZES) and all(fits(k, n) for k, n in v.items())
             for m, v in value.items())
-        return None if ok else ("must map model names to {n_random: int >= 1, max_first_token: int >= 1 or null} "
-                                f"(models: {', '.join(models)})")
+        return None if ok else ("must map model names to {n_random: int >= 1, max_first_token: int >= 1 or null, "
+                                f"n_screen: int >= 0, n_confirm: int >= 0 or null}} (models: {', '.join(models)})")
     return check
 
 
@@ -263,7 +269,7 @@ def parameter_schema() -> dict[str, Check]:
         tune_grid=_settings_grid({e: [f.name for f in fields(EDITORS[e]().hyperparams)] for e in editors}, "rome-2k"),
         sequential_editors=_names(editors, "editor"), n_sequential=_int_from(1, null="every test-half hard case"),
         models=_names(models, "model", empty=False), max_first_token=_int_from(1, null="all"),
-        model_sizes=_model_sizes(models),
+        model_sizes=_model_sizes(models), n_confirm=_int_from(0, null="every flagged case"), n_margin=_int_from(0),
         reference_model=_one_of(sorted(m for m, _ in GUARD_THRESHOLDS), "a model with a calibrated guard threshold"),
     )
 

@@ -58,3 +58,46 @@ def test_a_shipped_hardcf_is_given_before_the_samples_estimate():
     line = scale.cross_model_lines(table)[2]
     assert line.endswith("| 85 (the guard's screen of all 21,919, confirmed by edits); this sample: 57 (13–250; "
                          "estimated from 19 random cases) |")
+
+
+def screen_plan():
+    """A screen of 10 first-token cases (0-9) and 40 others (100-139): flagged 0-4 and 100-101, margin 5 and 102,
+    the study's uniform samples 6-9 and 103-112 edited in the rest."""
+    from editcollapse.hardcases import hardcf
+
+    flagged, margin = [0, 1, 2, 3, 4, 100, 101], [5, 102]
+    screened = pd.DataFrame(dict(case_id=list(range(10)) + list(range(100, 140)), error=None))
+    screened["score"] = [5.0 if i in flagged else 0.9 if i in margin else -float(i % 50) - 1 for i in screened.case_id]
+    random_ids = list(range(6, 10)) + list(range(103, 113))
+    plan = hardcf.confirmation_plan(screened, 1.0, 2, random_ids)
+    collapse = {0, 1, 2, 3, 100, 103}
+    measured = pd.DataFrame([dict(case_id=i, label=i in collapse) for i in plan[plan.edit].case_id])
+    return plan, measured
+
+
+def test_the_screen_estimate_counts_first_token_cases_whole_and_scales_the_random_ones():
+    from scipy.stats import beta
+
+    plan, measured = screen_plan()
+    assert dict(plan.stratum.value_counts()) == {"flagged": 7, "margin": 2, "rest": 41}
+    est = scale.screen_estimate(plan, measured, set(range(10)), 1010)
+    assert (est["screened"], est["flagged"], est["flagged_edited"], est["flagged_collapse"]) == (50, 7, 7, 5)
+    # first-token part: 4 flagged collapses, none in the margin or in 0 of 4 rest edits; the other part: 1 flagged
+    # collapse, 1 of 10 rest edits (37 rest cases) -> 1 + 3.7, times 1,000 other cases / 40 screened
+    assert est["hardcf_estimate"] == pytest.approx(4 + (1 + 0.1 * 37) * 25)
+    upper = 4 + beta.ppf(0.95, 1, 4) * 4 + (1 + beta.ppf(0.95, 2, 9) * 37) * 25
+    assert est["hardcf_upper95"] == pytest.approx(upper)
+
+
+def test_a_screen_gives_the_cross_model_tables_hardcf_size():
+    plan, measured = screen_plan()
+    s = study()
+    s.screen = dict(scale.screen_estimate(plan, measured, set(range(10)), 1010), plan=plan, measured=measured,
+                    threshold=1.0)
+    table = scale.cross_model_table([s, study("b")])
+    assert table.loc["m"].screen_flagged == 7 and math.isnan(table.loc["b"].screen_flagged)
+    lines = scale.cross_model_lines(table)
+    assert lines[2].endswith("| 122 (at most 396; the guard's screen of 50 cases: 7 flagged, 5 of 7 edited collapse) |")
+    assert lines[3].endswith("| 57 (13–250; estimated from 19 random cases) |")
+    assert scale.screen_line(s).startswith("m: the guard screened 50 cases") and "5 of 7 flagged edits" in scale.screen_line(s)
+    assert scale.screen_line(study("b")) == "b: no guard screen"

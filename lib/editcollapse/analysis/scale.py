@@ -7,14 +7,17 @@ Per model (`model_study`):
 - the guard on ROME's measured edits: threshold calibrated on this model's calibration half (`guard.assess`), and
   a reference model's calibrated threshold applied as it is, both judged on the same held-out half;
 - HardCF's size, estimated as every first-token collapse (all of them edited) plus the random sample's rate of
-  collapse among the other cases times their number in CounterFact (Wilson interval).
+  collapse among the other cases times their number in CounterFact (Wilson interval);
+- with `n_screen`, the guard's screen (keys only) of every first-token case and `n_screen` random cases,
+  confirmed by real edits of the flagged cases and of the highest scores below the threshold (`guard_screen`),
+  which estimates HardCF's size from the screen's strata (`screen_estimate`).
 
 `cross_model_table` gives one row per model; `cross_model_lines` the README's table with each number's n, the
 papers' GPT-2-XL / GPT-J-6B / Llama-2-7b beside them (`results.papers`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -22,7 +25,8 @@ import pandas as pd
 from .. import data, guard
 from ..editors import ROME
 from ..eval.perplexity import me_ppl
-from ..experiments.single import edit_samples, results_store, sample_rows, sweep_samples
+from ..experiments.single import edit_samples, first_token_cases, results_store, sample_rows, sweep_samples
+from ..hardcases import hardcf
 from ..models.loading import LoadedModel
 from ..results import papers
 from .crome_report import hardcf_summary
@@ -36,7 +40,8 @@ EDITORS = ("rome", "c-rome", "c-rome-prefix")
 class ModelStudy:
     """One model's rows (`rows`: ROME on every sampled case, C-ROME bare and prefixed on ROME's collapse cases,
     with `sample` and `case`, ROME's label), its unedited ME-PPL, its guard metrics (`guard`: own / transferred,
-    each `guard.evaluate` of the held-out half plus the threshold) and its CounterFact counts."""
+    each `guard.evaluate` of the held-out half plus the threshold), its CounterFact counts and its guard screen
+    (`screen`: `guard_screen`'s result; empty where none ran)."""
 
     model: str
     bos: bool
@@ -46,24 +51,32 @@ class ModelStudy:
     guard: dict
     n_counterfact: int
     n_first_available: int
+    screen: dict = field(default_factory=dict)
 
     def rome(self) -> pd.DataFrame:
         return self.rows[(self.rows.editor == "rome") & self.rows.error.isna()]
 
 
-def sample_sizes(model: str, n_random: int, max_first_token: int | None, model_sizes: dict) -> dict:
-    """The notebook's n_random and max_first_token, replaced by `model_sizes[model]`'s where it gives them."""
-    return dict(dict(n_random=n_random, max_first_token=max_first_token), **model_sizes.get(model, {}))
+def sample_sizes(model: str, model_sizes: dict, **sizes) -> dict:
+    """The notebook's sample sizes (`sizes`: n_random, max_first_token, ...), replaced by `model_sizes[model]`'s
+    where it gives them."""
+    return dict(sizes, **model_sizes.get(model, {}))
 
 
 def model_study(lm: LoadedModel, results_dir: str, n_random: int, n_first_token: int | None = None,
-                ppl_size: int = 50, seed: int = 0, reference: str = "smollm2-135m") -> ModelStudy:
-    """The edits, labels and guard of one model (edits already in the results store are reused)."""
+                ppl_size: int = 50, seed: int = 0, reference: str = "smollm2-135m", n_screen: int = 0,
+                n_confirm: int | None = None, n_margin: int = 4) -> ModelStudy:
+    """The edits, labels, guard and (with `n_screen`) guard screen of one model (edits and screened keys already
+    in the results store are reused)."""
     cf = data.load_counterfact()
     store = results_store(results_dir, "single_edit")
     original = me_ppl(lm, ppl_size, progress=False)["mean"]
-    samples = edit_samples(lm, n_random, 0, len(cf) if n_first_token is None else n_first_token, 0, seed)
-    n_first = len(edit_samples(lm, 0, 0, len(cf), 0, seed).get("first-token", []))
+    # every first-token case, in CounterFact's order: a sample of them is edit_samples' (one tokenizer scan, not two)
+    first_all = first_token_cases(lm, cf, len(cf), seed)
+    n_take = len(first_all) if n_first_token is None else n_first_token
+    samples = edit_samples(lm, n_random, 0, 0, 0, seed) | (
+        {"first-token": first_token_cases(lm, first_all, n_take, seed)} if n_take and first_all else {})
+    n_first = len(first_all)
     sweep_samples(lm, ["rome"], samples, store, ppl_size, ppl_original=original)
     rows = _labelled(sample_rows(store, lm.spec.name, ["rome"], samples, ppl_size), original)
     collapsed_ids = set(rows[rows.case == "collapse"].case_id)
@@ -71,8 +84,61 @@ def model_study(lm: LoadedModel, results_dir: str, n_random: int, n_first_token:
     if collapse["collapse"]:
         sweep_samples(lm, EDITORS[1:], collapse, store, ppl_size, ppl_original=original)
     rows = _labelled(sample_rows(store, lm.spec.name, EDITORS, samples, ppl_size), original)
-    return ModelStudy(lm.spec.name, bool(lm.spec.prepend_bos), original, ppl_size, rows,
-                      guard_transfer(lm, rows, reference), len(cf), n_first)
+    study = ModelStudy(lm.spec.name, bool(lm.spec.prepend_bos), original, ppl_size, rows,
+                       guard_transfer(lm, rows, reference), len(cf), n_first)
+    if n_screen and study.guard:
+        study.screen = guard_screen(lm, study, results_dir, first_all, n_screen, n_confirm, n_margin, seed)
+    return study
+
+
+def guard_screen(lm: LoadedModel, study: ModelStudy, results_dir: str, first_cases: list[dict], n_screen: int,
+                 n_confirm: int | None = None, n_margin: int = 4, seed: int = 0) -> dict:
+    """The guard's screen (keys only, `hardcf.screen`) of every first-token case (`first_cases`) and `n_screen`
+    random CounterFact cases, judged by the model's own calibrated threshold; then real ROME edits (`hardcf.confirmation_plan`) of the
+    flagged cases (a seeded sample of `n_confirm` where more are flagged), of the `n_margin` highest scores below the
+    threshold, and, for the rest, the study's own uniform samples (already edited). Returns the plan, the measured
+    labels and `screen_estimate`'s HardCF size."""
+    cf = data.load_counterfact()
+    by_id = {c["case_id"]: c for c in cf}
+    first_ids = {c["case_id"] for c in first_cases}
+    cases = {c["case_id"]: c for c in data.load_counterfact(n=n_screen, seed=seed)} | {i: by_id[i] for i in first_ids}
+    screens = results_store(results_dir, "guard_screen")
+    hardcf.screen(lm, sorted(cases.values(), key=lambda c: c["case_id"]), screens, ROME(), progress=False)
+    screened = hardcf.screen_rows(screens, "guard_screen", lm.spec.name)
+    screened = screened[screened.case_id.isin(cases)]
+    threshold = study.guard["own"]["threshold"]
+    rome = study.rome()
+    uniform = rome[rome["sample"].isin(["random", "first-token"])].case_id.astype(int).unique().tolist()
+    plan = hardcf.confirmation_plan(screened, threshold, n_margin, uniform, max_flagged=n_confirm, seed=seed)
+    todo = {"screen": [by_id[int(i)] for i in plan[plan.edit].case_id]}
+    store = results_store(results_dir, "single_edit")
+    sweep_samples(lm, ["rome"], todo, store, study.ppl_size, ppl_original=study.ppl_original)
+    edits = _labelled(sample_rows(store, lm.spec.name, ["rome"], todo, study.ppl_size), study.ppl_original)
+    measured = edits[edits.ppl.notna()].assign(label=lambda d: d.collapsed.astype(bool))[["case_id", "ppl", "label"]]
+    plan = plan.assign(first_token_case=plan.case_id.isin(first_ids))
+    return dict(plan=plan, measured=measured, threshold=threshold,
+                **screen_estimate(plan, measured, first_ids, len(cf)))
+
+
+def screen_estimate(plan: pd.DataFrame, measured: pd.DataFrame, first_ids: set, n_counterfact: int) -> dict:
+    """HardCF's size from a screen of every first-token case and a random sample of the others. In each part, the
+    collapses are the flagged ones plus the misses (`hardcf.recall_estimate`: each stratum's measured rate times
+    its size; the rest's from its uniform sample, with a 95 % Clopper-Pearson upper bound). The first-token part is
+    all of CounterFact's; the other part is scaled by CounterFact's other cases over those screened."""
+    first = plan.case_id.isin(first_ids).to_numpy()
+    parts = {name: hardcf.recall_estimate(plan[mask], measured) if mask.any() else None
+             for name, mask in (("first", first), ("other", ~first))}
+    scale = (n_counterfact - len(first_ids)) / max(int((~first).sum()), 1)
+
+    def total(key):
+        return sum((p["caught"] + p[key]) * (scale if name == "other" else 1.0)
+                   for name, p in parts.items() if p is not None)
+
+    flagged = plan[plan.stratum == "flagged"]
+    confirmed = measured[measured.case_id.isin(flagged.case_id)]
+    return dict(screened=len(plan), flagged=len(flagged), flagged_edited=len(confirmed),
+                flagged_collapse=int(confirmed.label.sum()), parts=parts,
+                hardcf_estimate=total("missed_estimate"), hardcf_upper95=total("missed_upper95"))
 
 
 def _labelled(rows: pd.DataFrame, original: float) -> pd.DataFrame:
@@ -147,11 +213,26 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
             row.update({f"guard_{which}_{k2}": m.get(k2, np.nan) for k2 in ("n", "collapse", "auroc", "recall",
                                                                             "precision", "threshold")})
         row.update({f"hardcf_{k2}": v for k2, v in estimate.items()})
+        row.update({f"screen_{k2}": s.screen.get(k2, np.nan) for k2 in SCREEN_COLUMNS})
         shipped = hardcf_summary(s.model)  # a screen of all of CounterFact, confirmed by edits (notebook 04)
         row.update(hardcf_shipped=shipped.get("hardcf_size", np.nan) if shipped else np.nan,
                    hardcf_screened=shipped.get("screened", np.nan) if shipped else np.nan)
         out.append(row)
     return pd.DataFrame(out).set_index("model")
+
+
+SCREEN_COLUMNS = ("screened", "flagged", "flagged_edited", "flagged_collapse", "hardcf_estimate", "hardcf_upper95")
+
+
+def screen_line(study: ModelStudy) -> str:
+    """One line on a model's guard screen: cases screened, flagged, confirmed, and the HardCF estimate."""
+    sc = study.screen
+    if not sc:
+        return f"{study.model}: no guard screen"
+    return (f"{study.model}: the guard screened {sc['screened']:,} cases (every first-token case and a random sample), "
+            f"flagged {sc['flagged']} (uᵀk^u below {np.exp(-sc['threshold']):.3g}); {sc['flagged_collapse']} of "
+            f"{sc['flagged_edited']} flagged edits collapse; HardCF estimated at {sc['hardcf_estimate']:,.0f} "
+            f"(at most {sc['hardcf_upper95']:,.0f}) of {study.n_counterfact:,} CounterFact cases")
 
 
 PAPER_MODELS = {"gpt2-xl": "GPT-2-XL (paper)", "gpt-j-6b": "GPT-J-6B (paper)", "llama2-7b": "Llama-2-7b (paper)"}
@@ -174,6 +255,10 @@ def cross_model_lines(table: pd.DataFrame, labels: dict[str, str] | None = None)
                 f"{int(r.hardcf_other_n)} random cases")
         hard += ")" if r.hardcf_complete else (f", {int(r.hardcf_first_edited)} of {int(r.hardcf_first_available)} "
                                                "first-token cases edited)")
+        if not pd.isna(r.screen_hardcf_estimate):
+            hard = (f"{r.screen_hardcf_estimate:,.0f} (at most {r.screen_hardcf_upper95:,.0f}; the guard's screen of "
+                    f"{int(r.screen_screened):,} cases: {int(r.screen_flagged)} flagged, {int(r.screen_flagged_collapse)} "
+                    f"of {int(r.screen_flagged_edited)} edited collapse)")
         if not pd.isna(r.hardcf_shipped):
             hard = (f"{int(r.hardcf_shipped)} (the guard's screen of all {int(r.hardcf_screened):,}, confirmed by "
                     f"edits); this sample: {hard}")

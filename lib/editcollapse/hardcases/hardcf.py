@@ -174,7 +174,7 @@ def recall_estimate(plan: pd.DataFrame, measured: pd.DataFrame) -> dict:
     x = np.where(np.isfinite(x), x, np.nanmax(x[np.isfinite(x)]) + 1)[:, None]
     done = m.label.notna().to_numpy()
     y = m.label[done].astype(bool).to_numpy()
-    p = (LogisticRegression().fit(x[done], y).predict_proba(x[~done])[:, 1] if 0 < y.sum() < len(y)
+    p = (LogisticRegression().fit(x[done], y).predict_proba(x[~done])[:, 1] if 0 < y.sum() < len(y) and (~done).any()
          else np.full((~done).sum(), float(y.mean()) if len(y) else np.nan))
     flagged_left = (m.stratum[~done] == "flagged").to_numpy()
     caught_model = f["collapse"] + p[flagged_left].sum()
