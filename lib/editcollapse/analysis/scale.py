@@ -96,7 +96,7 @@ def guard_screen(lm: LoadedModel, study: ModelStudy, results_dir: str, first_cas
     """The guard's screen (keys only, `hardcf.screen`) of every first-token case (`first_cases`) and `n_screen`
     random CounterFact cases, judged by the model's own calibrated threshold; then real ROME edits (`hardcf.confirmation_plan`) of the
     flagged cases (a seeded sample of `n_confirm` where more are flagged), of the `n_margin` highest scores below the
-    threshold, and, for the rest, the study's own uniform samples (already edited). Returns the plan, the measured
+    threshold, and the study's own uniform samples in every stratum (already edited). Returns the plan, the measured
     labels and `screen_estimate`'s HardCF size."""
     cf = data.load_counterfact()
     by_id = {c["case_id"]: c for c in cf}
@@ -110,6 +110,7 @@ def guard_screen(lm: LoadedModel, study: ModelStudy, results_dir: str, first_cas
     rome = study.rome()
     uniform = rome[rome["sample"].isin(["random", "first-token"])].case_id.astype(int).unique().tolist()
     plan = hardcf.confirmation_plan(screened, threshold, n_margin, uniform, max_flagged=n_confirm, seed=seed)
+    plan.loc[plan.case_id.isin(uniform), "edit"] = True  # a flagged case of the study's samples is measured already
     todo = {"screen": [by_id[int(i)] for i in plan[plan.edit].case_id]}
     store = results_store(results_dir, "single_edit")
     sweep_samples(lm, ["rome"], todo, store, study.ppl_size, ppl_original=study.ppl_original)

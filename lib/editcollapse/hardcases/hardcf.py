@@ -184,7 +184,8 @@ def recall_estimate(plan: pd.DataFrame, measured: pd.DataFrame) -> dict:
                 recall_lower95=caught / (caught + missed_hi) if caught + missed_hi else float("nan"),
                 precision=f["collapse"] / f["edited"] if f["edited"] else float("nan"),
                 caught_model=float(caught_model), missed_model=float(missed_model),
-                recall_model=float(caught_model / (caught_model + missed_model)))
+                recall_model=float(caught_model / (caught_model + missed_model)) if caught_model + missed_model
+                else float("nan"))
 
 
 def confirmation_order(plan: pd.DataFrame, random_ids: list[int]) -> list[int]:
