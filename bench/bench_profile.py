@@ -257,6 +257,8 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
             collapse = 0 if get_spec(m).prepend_bos else n_first  # no BOS: most first-token cases collapse
             for editor in ("c-rome", "c-rome-prefix"):
                 plan.single(nb, m, editor, "first-token", collapse, p["n_ppl"])
+            plan.add(nb, f"{m}: ROME edits measured on unrelated text (edit only)", 2 * p.get("n_spill", 0),
+                     plan.edit("rome", m))
             if sizes["n_screen"]:  # keys of every first-token case and the random sample, then the confirming edits
                 n_all_first = first_token(m, FIRST_TOKEN_GUESS)
                 plan.add(nb, f"guard screen of {m}: keys", sizes["n_screen"] + n_all_first,

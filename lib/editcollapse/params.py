@@ -270,6 +270,7 @@ def parameter_schema() -> dict[str, Check]:
         sequential_editors=_names(editors, "editor"), n_sequential=_int_from(1, null="every test-half hard case"),
         models=_names(models, "model", empty=False), max_first_token=_int_from(1, null="all"),
         model_sizes=_model_sizes(models), n_confirm=_int_from(0, null="every flagged case"), n_margin=_int_from(0),
+        n_spill=_int_from(0),
         reference_model=_one_of(sorted(m for m, _ in GUARD_THRESHOLDS), "a model with a calibrated guard threshold"),
     )
 

@@ -29,6 +29,7 @@ from ..experiments.single import edit_samples, first_token_cases, results_store,
 from ..hardcases import hardcf
 from ..models.loading import LoadedModel
 from ..results import papers
+from . import spillover
 from .crome_report import hardcf_summary
 from ..results.labels import is_collapsed
 from ..results.tables import perplexity_text, wilson_interval
@@ -222,6 +223,27 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
     return pd.DataFrame(out).set_index("model")
 
 
+def study_spillover(lm: LoadedModel, study: ModelStudy, texts: list[str], n_cases: int, seed: int = 0) -> pd.DataFrame:
+    """`spillover.spillover` of up to `n_cases` of the study's ROME collapse cases and as many normal ones (a seeded
+    pick of each), with each case's ME-PPL, denominator and ROME label (`case`)."""
+    rome = study.rome().drop_duplicates("case_id")
+    if rome.empty or not n_cases:
+        return pd.DataFrame()
+    pick = pd.concat([g.sample(min(n_cases, len(g)), random_state=seed) for _, g in rome.groupby("case")])
+    by_id = {c["case_id"]: c for c in data.load_counterfact()}
+    rows = spillover.spillover(lm, [by_id[int(i)] for i in pick.case_id], texts)
+    return rows.merge(pick[["case_id", "ppl", "denominator", "case"]], on="case_id")
+
+
+def spillover_table(spill: pd.DataFrame) -> pd.DataFrame:
+    """Per model and ROME label: the median over cases of each stage's median relative change, the number of cases,
+    and the unedited model's mlp_share."""
+    t = spill.pivot_table(index=["model", "case"], columns="stage", values="median", aggfunc="median")
+    t = t[[c for c in spillover.STAGES if c in t]]
+    n = spill.groupby(["model", "case"]).case_id.nunique().rename("cases")
+    return t.join(n).join(spill.groupby(["model", "case"]).mlp_share.first())
+
+
 SCREEN_COLUMNS = ("screened", "flagged", "flagged_edited", "flagged_collapse", "hardcf_estimate", "hardcf_upper95")
 
 
@@ -285,16 +307,18 @@ def _int(x) -> str:
     return "–" if pd.isna(x) else f"{int(x)}"
 
 
-def figures(studies: list[ModelStudy], norms: pd.DataFrame):
-    """07_scale.png: ROME's normalised denominator per model, collapse against normal (log scale), and the key
-    norm per position over its model's median at positions ≥ 2 (`crome.relative_norms`)."""
+def figures(studies: list[ModelStudy], norms: pd.DataFrame, spill: pd.DataFrame | None = None):
+    """07_scale.png: ROME's normalised denominator per model, collapse against normal (log scale), the key norm per
+    position over its model's median at positions ≥ 2 (`crome.relative_norms`) and, with `spill`, each edit's
+    median relative change of the edited layer's output on unrelated tokens (`study_spillover`)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     from ..paths import figures_dir
 
     rome = pd.concat([s.rome().drop_duplicates("case_id").assign(model=s.model) for s in studies], ignore_index=True)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    panels = 3 if spill is not None and len(spill) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5))
     if len(rome):
         sns.stripplot(data=rome, x="model", y="denominator", hue="case", hue_order=["collapse", "normal"], dodge=True,
                       ax=axes[0], alpha=0.7, size=4)
@@ -304,6 +328,12 @@ def figures(studies: list[ModelStudy], norms: pd.DataFrame):
                      errorbar=None)
     axes[1].set(yscale="log", ylabel="‖key‖ / median at positions ≥ 2", xlabel="position (−1: BOS)",
                 title="Key norms at ROME's layer, per position")
+    if panels == 3:
+        out = spill[spill.stage == "layer_out"]
+        sns.stripplot(data=out, x="model", y="median", hue="case", hue_order=["collapse", "normal"], dodge=True,
+                      ax=axes[2], size=5)
+        axes[2].set(yscale="log", xlabel="", ylabel="median ‖Δ layer output‖ / ‖layer output‖",
+                    title="How far one ROME edit reaches: unrelated tokens")
     fig.tight_layout()
     fig.savefig(figures_dir() / "07_scale.png", dpi=150)
     return fig
