@@ -224,12 +224,15 @@ def cross_model_table(studies: list[ModelStudy]) -> pd.DataFrame:
 
 
 def study_spillover(lm: LoadedModel, study: ModelStudy, texts: list[str], n_cases: int, seed: int = 0) -> pd.DataFrame:
-    """`spillover.spillover` of up to `n_cases` of the study's ROME collapse cases and as many normal ones (a seeded
-    pick of each), with each case's ME-PPL, denominator and ROME label (`case`)."""
+    """`spillover.spillover` of up to `n_cases` of the study's ROME collapse cases and as many normal ones, the latter
+    from the random sample and not first-token cases (a seeded pick of each), with each case's ME-PPL, denominator
+    and ROME label (`case`)."""
     rome = study.rome().drop_duplicates("case_id")
-    if rome.empty or not n_cases:
+    normal = rome[(rome.case == "normal") & (rome["sample"] == "random") & ~rome.first_token.astype(bool)]
+    groups = [g for g in (rome[rome.case == "collapse"], normal) if len(g)]
+    if not groups or not n_cases:
         return pd.DataFrame()
-    pick = pd.concat([g.sample(min(n_cases, len(g)), random_state=seed) for _, g in rome.groupby("case")])
+    pick = pd.concat([g.sample(min(n_cases, len(g)), random_state=seed) for g in groups])
     by_id = {c["case_id"]: c for c in data.load_counterfact()}
     rows = spillover.spillover(lm, [by_id[int(i)] for i in pick.case_id], texts)
     return rows.merge(pick[["case_id", "ppl", "denominator", "case"]], on="case_id")
