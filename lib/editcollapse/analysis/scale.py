@@ -257,8 +257,10 @@ def screen_line(study: ModelStudy) -> str:
         return f"{study.model}: no guard screen"
     return (f"{study.model}: the guard screened {sc['screened']:,} cases (every first-token case and a random sample), "
             f"flagged {sc['flagged']} (uᵀk^u below {np.exp(-sc['threshold']):.3g}); {sc['flagged_collapse']} of "
-            f"{sc['flagged_edited']} flagged edits collapse; HardCF estimated at {sc['hardcf_estimate']:,.0f} "
-            f"(at most {sc['hardcf_upper95']:,.0f}) of {study.n_counterfact:,} CounterFact cases")
+            f"{sc['flagged_edited']} flagged edits collapse; " + (
+                f"HardCF estimated at {sc['hardcf_estimate']:,.0f} (at most {sc['hardcf_upper95']:,.0f}) of "
+                f"{study.n_counterfact:,} CounterFact cases" if np.isfinite(sc["hardcf_estimate"]) else
+                "HardCF not estimated: a stratum below the threshold has no edited case"))
 
 
 PAPER_MODELS = {"gpt2-xl": "GPT-2-XL (paper)", "gpt-j-6b": "GPT-J-6B (paper)", "llama2-7b": "Llama-2-7b (paper)"}
