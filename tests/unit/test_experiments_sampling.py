@@ -106,3 +106,19 @@ def test_tiny_tokenizer_without_data_raises_missing_data_error(tmp_path, monkeyp
     monkeypatch.setenv("EDITCOLLAPSE_DATA", str(tmp_path))
     with pytest.raises(MissingDataError, match=r"missing data file .*ME-PPL_1k.json: the tiny test models"):
         tiny_tokenizer.__wrapped__()  # past the cache, which holds the tokenizer from the real data/
+
+
+def test_the_first_token_memo_gives_what_a_fresh_check_gives(tiny_models):
+    """subject_is_first_token remembers its answer per tokenizer, BOS rule, prompt and subject: a second model with
+    the same tokenizer but the other BOS rule is asked again, and a cleared memo gives the same answers again."""
+    import dataclasses
+
+    lm = tiny_models("tiny-llama")
+    cases = data.load_counterfact(n=300, seed=4) + [dict(case_id=-1, prompt="A is in", subject="A", target_new="B")]
+    first = [single.subject_is_first_token(lm, c) for c in cases]
+    with_bos = dataclasses.replace(lm, spec=dataclasses.replace(lm.spec, prepend_bos=not lm.spec.prepend_bos))
+    other = [single.subject_is_first_token(with_bos, c) for c in cases]
+    assert 0 < sum(first) < len(cases) and other == first  # BOS shifts both the subject and the first position
+    single._FIRST_TOKEN.clear()
+    assert [single.subject_is_first_token(lm, c) for c in cases] == first
+    assert [single.subject_is_first_token(with_bos, c) for c in cases] == other

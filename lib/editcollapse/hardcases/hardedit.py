@@ -111,6 +111,7 @@ def load_hardedit(path) -> list[dict]:
 
 def normal_cases(lm: LoadedModel, n: int, seed: int = 0, exclude=()) -> list[dict]:
     """`n` CounterFact cases whose subject is not the prompt's first token (seeded; `exclude`: case ids)."""
+    exclude = set(exclude)
     pool = [c for c in data.load_counterfact(n=20 * max(n, 1), seed=seed)
-            if c["case_id"] not in set(exclude) and not subject_is_first_token(lm, c)]
+            if c["case_id"] not in exclude and not subject_is_first_token(lm, c)]
     return sorted(pool[:n], key=lambda c: c["case_id"])
