@@ -154,9 +154,14 @@ class Plan:
 FIRST_TOKEN_GUESS = 60  # first-token cases of a model whose HardCF summary does not say (SmolLM2: 47)
 
 
+# CounterFact's first-token cases per tokenizer (`experiments.single.first_token_cases` over all 21,919 cases)
+FIRST_TOKEN_CASES = {"smollm2-135m": 47, "gemma3-270m": 235, "qwen2.5-1.5b": 76}
+
+
 def first_token_available(model: str) -> int | None:
     path = data_dir() / "hardcf" / f"{model}.summary.json"
-    return json.loads(path.read_text()).get("first_token_cases") if path.exists() else None
+    known = json.loads(path.read_text()).get("first_token_cases") if path.exists() else None
+    return known if known is not None else FIRST_TOKEN_CASES.get(model)
 
 
 def hardcf_size(model: str, n: int | None) -> int:
@@ -260,7 +265,7 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
             plan.add(nb, f"{m}: ROME edits measured on unrelated text (edit only)", 2 * p.get("n_spill", 0),
                      plan.edit("rome", m))
             if sizes["n_screen"]:  # keys of every first-token case and the random sample, then the confirming edits
-                n_all_first = first_token(m, FIRST_TOKEN_GUESS)
+                n_all_first = first_token_available(m) or FIRST_TOKEN_GUESS
                 plan.add(nb, f"guard screen of {m}: keys", sizes["n_screen"] + n_all_first,
                          units.get("screen_case", 0.055) * plan.factor(m))
                 confirm = (sizes["n_confirm"] if sizes["n_confirm"] is not None else n_all_first) + p.get("n_margin", 0)
