@@ -32,6 +32,7 @@ STORE_KEYS = {  # the stores that are shipped, with their key columns
     "single_edit": ROW_KEY, "sequential": SEQ_KEY, "sequential_downstream": DOWNSTREAM_KEY,
     "hardedit_sequential": SEQ_KEY, "hardedit_sequential_downstream": DOWNSTREAM_KEY,
     "sequential_retention": RETENTION_KEY, "safe_edit_sequential": SEQ_KEY, "safe_edit_retention": RETENTION_KEY,
+    "guard_screen": ROW_KEY,  # notebook 07's screens: keys only, but 0.9 s a case on Qwen2.5-1.5B here
 }
 SECONDS_FILE = "notebook_seconds.json"  # written by the reproduce runner in the results folder
 
