@@ -151,11 +151,10 @@ class Plan:
             self.add(notebook, f"{what}: {task} x {n} items", models * n, self.units["downstream_item"][task])
 
 
-FIRST_TOKEN_GUESS = 60  # first-token cases of a model whose HardCF summary does not say (SmolLM2: 47)
-
-
-# CounterFact's first-token cases per tokenizer (`experiments.single.first_token_cases` over all 21,919 cases)
+# CounterFact's first-token cases per tokenizer (`experiments.single.first_token_cases` over all 21,919 cases), and
+# a guess for a model that neither this table nor its HardCF summary gives
 FIRST_TOKEN_CASES = {"smollm2-135m": 47, "gemma3-270m": 235, "qwen2.5-1.5b": 76}
+FIRST_TOKEN_GUESS = 60
 
 
 def first_token_available(model: str) -> int | None:
@@ -170,9 +169,12 @@ def hardcf_size(model: str, n: int | None) -> int:
     return size if n is None else min(n, size)
 
 
-def first_token(model: str, n: int) -> int:
+def first_token(model: str, n: int | None) -> int:
+    """`n` first-token cases, at most as many as the model has (None: all of them)."""
     known = first_token_available(model)
-    return n if known is None else min(n, known)
+    if known is None:
+        return FIRST_TOKEN_GUESS if n is None else n
+    return known if n is None else min(n, known)
 
 
 def plan_profile(params: dict[str, dict], units: dict) -> Plan:
@@ -255,7 +257,7 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
         for m in p["models"]:
             sizes = sample_sizes(m, p["model_sizes"], n_random=p["n_random"], max_first_token=p["max_first_token"],
                                  n_screen=p.get("n_screen", 0), n_confirm=p.get("n_confirm"))
-            n_first = first_token(m, sizes["max_first_token"] or FIRST_TOKEN_GUESS)
+            n_first = first_token(m, sizes["max_first_token"])
             plan.add(nb, f"ME-PPL_{p['n_ppl']} of the unedited {m}", 1, plan.ppl(p["n_ppl"], m))
             plan.single(nb, m, "rome", "random", sizes["n_random"], p["n_ppl"])
             plan.single(nb, m, "rome", "first-token", n_first, p["n_ppl"])
@@ -265,7 +267,7 @@ def plan_profile(params: dict[str, dict], units: dict) -> Plan:
             plan.add(nb, f"{m}: ROME edits measured on unrelated text (edit only)", 2 * p.get("n_spill", 0),
                      plan.edit("rome", m))
             if sizes["n_screen"]:  # keys of every first-token case and the random sample, then the confirming edits
-                n_all_first = first_token_available(m) or FIRST_TOKEN_GUESS
+                n_all_first = first_token(m, None)
                 plan.add(nb, f"guard screen of {m}: keys", sizes["n_screen"] + n_all_first,
                          units.get("screen_case", 0.055) * plan.factor(m))
                 confirm = (sizes["n_confirm"] if sizes["n_confirm"] is not None else n_all_first) + p.get("n_margin", 0)
